@@ -1,0 +1,211 @@
+"""Command line: `python -m lowvram_ft COMMAND ...`.
+
+Parsing, config resolution and error reporting only; each command's work lives in its module and is
+imported when the command runs, so `--help` and `--dry-run` never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, describe_fields, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as error:
+        return fail(error.problems)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 — known user-facing errors become one line
+        known = user_error(error)
+        if known is None:
+            raise
+        return fail(known[1].splitlines(), known[0])
+
+
+def fail(lines: list[str], code: int = EXIT_BAD_INPUT) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return code
+
+
+def user_error(error: Exception) -> tuple[int, str] | None:
+    """(exit code, one line) for errors that mean bad input or a full GPU, else None (a bug: traceback)."""
+    from .model import ModelError
+
+    names = {type(e).__name__ for e in type(error).__mro__}
+    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError"}:
+        return EXIT_BAD_INPUT, str(error)
+    if "OutOfMemoryError" in names or "out of memory" in str(error).lower():
+        return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"
+    return None
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lowvram_ft",
+        description="Fine-tune gpt-oss and other open models on one GPU (14-65 GB), on Unsloth.",
+        epilog="Settings: --config FILE, then group.key=value overrides (see `train --help-config`).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="LoRA / QLoRA / full fine-tuning of one model on one GPU (or CPU)")
+    add_run_options(train)
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, load nothing")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    train.add_argument("--force", action="store_true", help="train even when the planner predicts it will not fit")
+    train.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
+    train.set_defaults(run=run_train)
+
+    data = sub.add_parser("data", help="statistics, rendered examples with trained tokens, --check, --export")
+    add_run_options(data)
+    data.add_argument("--show", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
+    data.add_argument("--export", metavar="FILE.jsonl", help="write text, input_ids and labels per example")
+    data.add_argument("--check", action="store_true", help="validate every row, report every problem, load no model")
+    data.set_defaults(run=run_data)
+
+    score = sub.add_parser("score", help="score completions.jsonl for reasoning language, offline (no model)")
+    score.add_argument("--input", required=True, metavar="FILE.jsonl")
+    score.add_argument("--output", metavar="FILE.jsonl", help="per-line scores (default: INPUT.scored.jsonl)")
+    score.add_argument("--answer-in", choices=("user", "target"), default="user",
+                       help="expect the final answer in the user's language (default) or the target language")
+    score.set_defaults(run=run_score)
+
+    evaluate = sub.add_parser("eval", help="before/after reasoning-language evaluation: base vs tuned, same prompts")
+    add_run_options(evaluate)
+    evaluate.add_argument("--run", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    evaluate.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
+    evaluate.set_defaults(run=run_eval, smoke=False)
+
+    smoke = sub.add_parser("smoke", help="one-minute reasoning-language check: a few prompts, short generations")
+    add_run_options(smoke)
+    smoke.add_argument("--run", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    smoke.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
+    smoke.add_argument("--min-think-match", type=float, metavar="X",
+                       help="exit 1 when the (tuned, else base) think-match rate of the trained languages is below X")
+    smoke.set_defaults(run=run_eval, smoke=True)
+
+    plan = sub.add_parser("plan", help="predict peak VRAM from config.json alone and recommend what fits")
+    add_run_options(plan)
+    plan.add_argument("--vram", type=float, metavar="GiB", help="the card's memory in GiB (e.g. 16)")
+    plan.set_defaults(run=run_plan)
+    return parser
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (groups: model, lora, data, train, eval, output)")
+    p.add_argument("--model", help="Hub id or local folder (default: the embedded tiny gpt-oss model)")
+    p.add_argument("--dataset", action="append", metavar="ID_OR_FILE",
+                   help="Hub id, local .jsonl/.json/.csv/.parquet, or 'sample'; repeat to mix")
+    p.add_argument("--tokenizer", help="tokenizer instead of the model's own ('gpt-oss' = real o200k_harmony, offline)")
+    p.add_argument("--output", metavar="DIR", help="run folder (default runs/<model>-<time>)")
+    p.add_argument("overrides", nargs="*", metavar="group.key=value", help="settings overriding the config file")
+
+
+def resolve(args: argparse.Namespace):
+    """Config from defaults < --config < flags < group.key=value (the explicit overrides win)."""
+    return load_config(args.config, resolve_flags(args) + list(args.overrides))
+
+
+def resolve_flags(args: argparse.Namespace) -> list[str]:
+    """The named flags as group.key=value overrides."""
+    flags = []
+    if args.model:
+        flags.append(f"model.name={args.model}")
+    if getattr(args, "tokenizer", None):
+        flags.append(f"model.tokenizer={args.tokenizer}")
+    if args.dataset:
+        flags.append("data.dataset=[" + ", ".join(quote(d) for d in args.dataset) + "]")
+    if args.output:
+        flags.append(f"output.dir={quote(args.output)}")
+    if getattr(args, "overwrite", False):
+        flags.append("output.overwrite=true")
+    return flags
+
+
+def quote(text: str) -> str:
+    """A YAML-safe scalar for a value from a flag (paths with ':' or '#', ids with '/')."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_train(args) -> int:
+    if args.help_config:
+        for key, default, text in describe_fields():
+            print(f"{key:34} {default:28} {text}")
+        return 0
+    cfg = resolve(args)
+    from . import pipeline
+
+    if args.dry_run:
+        pipeline.dry_run(cfg)
+        return 0
+    pipeline.train(cfg, force=args.force)
+    return 0
+
+
+def run_data(args) -> int:
+    cfg = resolve(args)
+    from . import data
+
+    return data.inspect(cfg, show=args.show, export=args.export, check=args.check)
+
+
+def run_score(args) -> int:
+    from . import report, scoring
+
+    output = args.output or str(args.input).removesuffix(".jsonl") + ".scored.jsonl"
+    rows = scoring.score_file(args.input, output, answer_in=args.answer_in)
+    report.print_language_table(rows, title=f"reasoning language — {args.input}")
+    print(f"per-sample scores: {output}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from pathlib import Path
+
+    from . import evaluate
+
+    if args.run:
+        run_dir = Path(args.run)
+        cfg = evaluate.run_config(run_dir, resolve_flags(args) + list(args.overrides))
+        adapter = args.adapter or str(run_dir / "adapter")
+        out_dir = Path(args.output) if args.output else run_dir / ("smoke" if args.smoke else "")
+    else:
+        cfg = resolve(args)
+        adapter = args.adapter
+        out_dir = Path(args.output) if args.output else Path("runs") / ("smoke" if args.smoke else "eval")
+    result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
+    print(f"evaluation written to {out_dir}")
+    threshold = getattr(args, "min_think_match", None)
+    if threshold is not None:
+        phase = "after" if "after" in result["tables"] else "before"
+        rate = next((r["think_rate"] for r in result["tables"][phase] if r["group"] == "trained"), None)
+        if rate is None or rate < threshold:
+            print(f"error: think match of the trained languages ({phase}) is "
+                  f"{'n/a' if rate is None else f'{rate:.3f}'}, below --min-think-match {threshold}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run_plan(args) -> int:
+    cfg = resolve(args)
+    from . import plan
+
+    return plan.run(cfg, vram_gib=args.vram)

@@ -1,0 +1,156 @@
+"""Training with TRL's SFTTrainer: our few settings mapped onto SFTConfig, live progress, metrics.
+
+`sft_config_kwargs` is pure (tested without a model). The trainer and callbacks import transformers /
+trl inside functions, after `model.import_unsloth()` has run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .config import Config
+from .model import Device
+
+
+def optimizer_name(cfg: Config, device: Device) -> str:
+    """train.optimizer=auto: 8-bit AdamW on GPU (1/4 of fp32 Adam state), fused AdamW on CPU
+    (bitsandbytes 8-bit optimizers have no CPU kernels)."""
+    if cfg.train.optimizer != "auto":
+        return cfg.train.optimizer
+    return "adamw_8bit" if device.kind == "cuda" else "adamw_torch_fused"
+
+
+def precision_flags(cfg: Config, device: Device) -> dict:
+    """bf16 / fp16 autocast flags for the Trainer, from the dtype decided once at start."""
+    if cfg.model.dtype == "float32":
+        return {"bf16": False, "fp16": False}
+    if device.kind == "cpu":
+        return {"bf16": device.bf16 and cfg.model.dtype in ("auto", "bfloat16"), "fp16": False}
+    bf16 = device.bf16 and cfg.model.dtype in ("auto", "bfloat16")
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
+    """Everything SFTConfig needs, from our config. Pure: plain values in, a dict out."""
+    t = cfg.train
+    trackers = [r for r in cfg.output.report_to if r != "none"]
+    return dict(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        optim=optimizer_name(cfg, device),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        router_aux_loss_coef=t.router_aux_loss_coef,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.keep_checkpoints,
+        report_to=trackers or "none",
+        max_length=cfg.model.max_seq_length,
+        packing=cfg.data.packing and device.kind == "cuda",
+        # Unsloth set up (offloaded) gradient checkpointing on the model; the Trainer must not replace it.
+        gradient_checkpointing=False,
+        disable_tqdm=True,  # the rich progress line replaces tqdm
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **precision_flags(cfg, device),
+    )
+
+
+def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=()):
+    """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints")))
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
+def peak_memory_gib(device: Device) -> float:
+    """GPU: peak reserved by torch's allocator; CPU: the process's peak resident set size."""
+    if device.kind == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_reserved() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def make_progress_callback(run_dir: Path, device: Device, console):
+    """A TrainerCallback that shows step/total, loss, lr, tokens/s, peak memory and ETA, and writes
+    one JSON object per logging step to metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    metrics_path = run_dir / "metrics.jsonl"
+    memory_label = "peak VRAM" if device.kind == "cuda" else "peak RSS"
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.start = None
+            self.last_time = None
+            self.last_tokens = 0
+            self.losses: list[float] = []
+            self.trained_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.last_time = time.perf_counter()
+            self.last_tokens = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            now = time.perf_counter()
+            tokens = int(logs.get("num_tokens", 0))
+            window = max(now - (self.last_time or now), 1e-9)
+            tokens_per_s = (tokens - self.last_tokens) / window if tokens else 0.0
+            self.last_time, self.last_tokens, self.trained_tokens = now, tokens, tokens
+            elapsed = now - (self.start or now)
+            eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            record = {
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "loss": float(logs["loss"]),
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+                "tokens": tokens,
+                "tokens_per_s": round(tokens_per_s, 1),
+                "peak_memory_gib": round(peak_memory_gib(device), 3),
+                "elapsed_s": round(elapsed, 2),
+            }
+            self.losses.append(record["loss"])
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            console.print(
+                f"step {record['step']:>4}/{record['max_steps']}  loss {record['loss']:.4f}  "
+                f"lr {record['learning_rate']:.2e}  {record['tokens_per_s']:>8.0f} tok/s  "
+                f"{memory_label} {record['peak_memory_gib']:.2f} GiB  ETA {format_seconds(eta)}",
+                highlight=False,
+            )
+
+    return Progress()
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
