@@ -87,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="before/after reasoning-language evaluation: base vs tuned, same prompts")
     add_run_options(evaluate)
-    evaluate.add_argument("--run", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    evaluate.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
     evaluate.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
     evaluate.set_defaults(run=run_eval, smoke=False)
 
     smoke = sub.add_parser("smoke", help="one-minute reasoning-language check: a few prompts, short generations")
     add_run_options(smoke)
-    smoke.add_argument("--run", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    smoke.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
     smoke.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
     smoke.add_argument("--min-think-match", type=float, metavar="X",
                        help="exit 1 when the (tuned, else base) think-match rate of the trained languages is below X")
@@ -182,8 +182,8 @@ def run_eval(args) -> int:
 
     from . import evaluate
 
-    if args.run:
-        run_dir = Path(args.run)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
         cfg = evaluate.run_config(run_dir, resolve_flags(args) + list(args.overrides))
         adapter = args.adapter or str(run_dir / "adapter")
         out_dir = Path(args.output) if args.output else run_dir / ("smoke" if args.smoke else "")

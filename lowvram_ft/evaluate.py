@@ -267,7 +267,8 @@ def write_eval(run_dir: Path, result: dict, samples: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- the eval / smoke commands
 
-SMOKE_OVERRIDES = {"max_new_tokens": 96, "samples_per_prompt": 1, "perplexity_rows": 8}
+SMOKE_OVERRIDES = {"samples_per_prompt": 1, "perplexity_rows": 8}
+SMOKE_MAX_NEW_TOKENS = 256  # short, but room for a brief analysis + answer (truncated samples do not score)
 
 
 def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = False, console=None) -> dict:
@@ -278,7 +279,8 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
     from .model import add_lora, detect_device, import_unsloth, load_model
 
     if smoke:
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **SMOKE_OVERRIDES))
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+            cfg.eval, max_new_tokens=min(cfg.eval.max_new_tokens, SMOKE_MAX_NEW_TOKENS), **SMOKE_OVERRIDES))
     import_unsloth()
     device = detect_device()
     model, tokenizer = load_model(cfg, device)

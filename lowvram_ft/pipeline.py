@@ -20,21 +20,47 @@ class RunDirError(RuntimeError):
     """The output folder cannot be used as asked; the message says what to do."""
 
 
-def train(cfg: Config, *, force: bool = False, console=None) -> Path:
-    """Run one fine-tuning job end to end; returns the run folder."""
+def train(cfg: Config, *, force: bool = False, resume: bool = False, console=None) -> Path:
+    """Run one fine-tuning job end to end, or continue it from its newest complete checkpoint (resume);
+    returns the run folder. Ctrl-C / SIGTERM stop after the current step with a checkpoint
+    (checkpoint.Interrupted); out of memory becomes advice (checkpoint.OutOfMemory); a new run that
+    fails before its first checkpoint leaves no folder behind."""
+    from . import checkpoint
+
+    run = checkpoint.RunState(cfg)
+    run.install_signal_handlers()
+    try:
+        return run_training(cfg, run, force=force, resume=resume, console=console)
+    except BaseException as error:
+        run.clean_up()
+        if checkpoint.is_out_of_memory(error):
+            raise checkpoint.out_of_memory(run, error) from None
+        raise
+    finally:
+        run.restore_signal_handlers()
+
+
+def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -> Path:
+    """The story of one run; `run` (checkpoint.RunState) follows its phase and step."""
     from rich.console import Console
 
+    from . import checkpoint
     from . import model as models
     from .data import load_data, tokenize_data
-    from .train import build_trainer, make_progress_callback, peak_memory_gib
+    from .train import build_trainer, make_progress_callback, optimizer_name, peak_memory_gib
 
     console = console or Console(highlight=False)
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
+    run_dir = run.begin(prepare_run_dir(cfg, resume=resume), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
+    resume_from = checkpoint.resume_point(run_dir) if resume else None
+    history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step) if resume_from else []
+    if resume_from:
+        log(console, "resume", describe_resume(run_dir, resume_from))
 
     models.import_unsloth()
     device = models.detect_device()
+    run.device = device
     log(console, "device", device.reason)
     check_fit(cfg, device, force, console)
 
@@ -45,14 +71,19 @@ def train(cfg: Config, *, force: bool = False, console=None) -> Path:
     counts = models.trainable_parameters(model)
     models.check_trainable(counts, cfg, is_moe=getattr(model.config, "model_type", "") == "gpt_oss")
     log(console, "lora", format_counts(counts))
+    checkpoint.check_run_space(run, model, optimizer_name(cfg, device))
 
     data = load_data(cfg)
     tokenized = tokenize_data(data.train, tokenizer, cfg)
     log(console, "data", format_data_stats(data.stats, tokenized.stats))
 
-    progress = make_progress_callback(run_dir, device, console)
-    trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir, [progress])
-    result = trainer.train()
+    progress = make_progress_callback(run_dir, device, console, history=history)
+    trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
+                            [progress, checkpoint.make_run_callback(run)])
+    run.phase = "train"
+    result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+    run.raise_if_stopped()  # Ctrl-C / SIGTERM: the checkpoint is written; say how to resume
+    run.phase = "save"
     peak = peak_memory_gib(device)
     log(console, "train", f"{result.global_step} steps, final loss {progress.losses[-1] if progress.losses else float('nan'):.4f}, "
         f"peak {'VRAM' if device.kind == 'cuda' else 'RSS'} {peak:.2f} GiB")
@@ -61,8 +92,10 @@ def train(cfg: Config, *, force: bool = False, console=None) -> Path:
     log(console, "save", f"adapter and tokenizer in {adapter_dir}")
     summary = build_summary(cfg, device, result, progress, counts, data.stats, tokenized.stats, peak,
                             time.perf_counter() - started)
+    summary["reload_probe"] = probe_logits(model, tokenizer)
     write_json_atomic(run_dir / "summary.json", summary)
 
+    run.phase = "eval"
     if cfg.eval.enabled:
         evaluate_run(model, tokenizer, cfg, data, run_dir, console)
     log(console, "done", f"results in {run_dir}")
@@ -87,16 +120,21 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{short}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run folder (refusing to clobber a finished run) and save the resolved config in it."""
+def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
+    """Create the run folder (refusing to clobber a finished run) and save the resolved config in it.
+    With resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
+    from .checkpoint import describe_unfinished, resume_point
+
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file — pass a folder to --output")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if resume:
+        resume_point(run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
         finished = (run_dir / "summary.json").is_file()
         if not cfg.output.overwrite:
-            what = "holds a finished run" if finished else "holds an unfinished run"
-            raise RunDirError(f"{run_dir}: {what} — pass --overwrite to replace it, or choose another --output")
+            what = "holds a finished run — pass --overwrite to replace it, or choose another --output"
+            raise RunDirError(f"{run_dir}: {what if finished else describe_unfinished(run_dir)}")
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +164,11 @@ def check_fit(cfg: Config, device, force: bool, console) -> None:
 
 
 def save_adapter(model, tokenizer, run_dir: Path) -> Path:
-    """Adapter (safetensors) + tokenizer into run_dir/adapter, written under a temporary name first."""
+    """Adapter (safetensors) + tokenizer into run_dir/adapter, written under a temporary name first,
+    after checking that the disk has room for it."""
+    from .checkpoint import adapter_bytes, check_free_space
+
+    check_free_space(run_dir, adapter_bytes(model), "the adapter")
     final = run_dir / "adapter"
     staging = run_dir / ".adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -135,6 +177,31 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
+
+
+PROBE_TEXT = "<|start|>user<|message|>What is 12 plus 30?<|end|><|start|>assistant"
+
+
+def probe_logits(model, tokenizer) -> dict:
+    """Last-position logits of a fixed prompt, as trained: a reloaded adapter must reproduce them."""
+    import torch
+
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().cpu()
+    model.train(was_training)
+    top = torch.topk(logits, k=min(8, logits.numel()))
+    return {"text": PROBE_TEXT, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
+
+
+def describe_resume(run_dir: Path, resume_from) -> str:
+    from .checkpoint import list_checkpoints
+
+    _, broken = list_checkpoints(run_dir)
+    ignored = f"; ignored incomplete {', '.join(p.name for p in broken)}" if broken else ""
+    return f"continuing from {resume_from.path} (step {resume_from.step}){ignored}"
 
 
 def build_summary(cfg, device, result, progress, counts, data_stats, token_stats, peak, wall_s) -> dict:

@@ -30,9 +30,11 @@ def print_language_table(rows: list[dict], title: str, console=None) -> None:
 def compact_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells with each rate, its count and its 95% interval in one cell."""
     if rows and "think_diff" in rows[0]:
-        headers = ["group", "think before", "think after", "Δ think", "CIs overlap", "answer before", "answer after"]
+        headers = ["group", "think before", "think after", "Δ think", "CIs overlap", "of all: before → after",
+                   "answer before", "answer after"]
         return headers, [[r["group"], pct(r["think_before"]), pct(r["think_after"]), signed(r["think_diff"]),
                           {None: "—", True: "yes", False: "no"}[r["think_overlap"]],
+                          f"{pct(r.get('think_all_before'))} → {pct(r.get('think_all_after'))}",
                           pct(r["answer_before"]), pct(r["answer_after"])] for r in rows]
     headers = ["group", "n", "scored", "cut", "unparsed", "think match (95% CI)", "share", "answer match (95% CI)"]
     return headers, [[r["group"], str(r["n"]), str(r["scorable"]), str(r["truncated"]), str(r["unparsed"]),
@@ -90,7 +92,8 @@ def eval_markdown(result: dict) -> str:
         "",
         "think match = the reasoning's dominant language (judged sentence by sentence) is the target; "
         "answer match = the final answer is in the expected language. Rates are over scorable samples "
-        "(parsed, not truncated); 95% Wilson intervals.",
+        "(parsed, not truncated); 95% Wilson intervals. \"of all\" counts every sample asked, unparsed and "
+        "cut-off ones as not matching (a base model that never writes Harmony channels scores 0% there).",
         "",
     ]
     for phase, rows in result["tables"].items():

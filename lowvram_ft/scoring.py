@@ -561,6 +561,11 @@ def _summarize(group: str, samples: list[Mapping]) -> dict:
         })
     shares = [s["think_share"] for s in scorable if s.get("think_share") is not None]
     row["think_share_mean"] = sum(shares) / len(shares) if shares else None
+    # Over every sample asked, unparsed and cut-off ones included: the share of all requests that were
+    # answered with reasoning in the target language. Defined even when nothing parsed (a base model
+    # that never produces Harmony channels scores 0 here, and "—" in think_rate).
+    row["think_all_rate"] = row["think_match"] / row["n"] if row["n"] else None
+    row["think_all_ci"] = wilson_interval(row["think_match"], row["n"])
     return row
 
 
@@ -573,7 +578,8 @@ def compare(before_rows: Sequence[Mapping], after_rows: Sequence[Mapping]) -> li
     rows = []
     for group in list(before) + [g for g in after if g not in before]:
         b, a = before.get(group, {}), after.get(group, {})
-        row: dict = {"group": group, "n_before": b.get("n", 0), "n_after": a.get("n", 0)}
+        row: dict = {"group": group, "n_before": b.get("n", 0), "n_after": a.get("n", 0),
+                     "think_all_before": b.get("think_all_rate"), "think_all_after": a.get("think_all_rate")}
         for metric in ("think", "answer"):
             rb, ra = b.get(f"{metric}_rate"), a.get(f"{metric}_rate")
             cb, ca = b.get(f"{metric}_ci"), a.get(f"{metric}_ci")
@@ -700,10 +706,11 @@ def table_cells(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells for aggregate rows or compare rows."""
     if rows and "think_diff" in rows[0]:
         headers = ["group", "n before", "n after", "think before", "think after", "Δ think", "CIs overlap",
-                   "answer before", "answer after", "Δ answer"]
+                   "think of all before", "think of all after", "answer before", "answer after", "Δ answer"]
         cells = [[str(r["group"]), str(r["n_before"]), str(r["n_after"]),
                   _percent(r["think_before"]), _percent(r["think_after"]), _signed(r["think_diff"]),
                   "—" if r["think_overlap"] is None else ("yes" if r["think_overlap"] else "no"),
+                  _percent(r.get("think_all_before")), _percent(r.get("think_all_after")),
                   _percent(r["answer_before"]), _percent(r["answer_after"]), _signed(r["answer_diff"])]
                  for r in rows]
         return headers, cells

@@ -69,11 +69,14 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
 
 
 def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=()):
-    """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied)."""
+    """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied), whose
+    checkpoints are written atomically (checkpoint.atomic_checkpoint_trainer)."""
     from trl import SFTConfig, SFTTrainer
 
+    from .checkpoint import atomic_checkpoint_trainer
+
     args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints")))
-    return SFTTrainer(
+    return atomic_checkpoint_trainer(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -93,9 +96,9 @@ def peak_memory_gib(device: Device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def make_progress_callback(run_dir: Path, device: Device, console):
+def make_progress_callback(run_dir: Path, device: Device, console, history: list[dict] = ()):
     """A TrainerCallback that shows step/total, loss, lr, tokens/s, peak memory and ETA, and writes
-    one JSON object per logging step to metrics.jsonl."""
+    one JSON object per logging step to metrics.jsonl. `history`: the records a resumed run keeps."""
     from transformers import TrainerCallback
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -106,12 +109,15 @@ def make_progress_callback(run_dir: Path, device: Device, console):
             self.start = None
             self.last_time = None
             self.last_tokens = 0
-            self.losses: list[float] = []
-            self.trained_tokens = 0
+            self.losses: list[float] = [r["loss"] for r in history]
+            self.trained_tokens = history[-1].get("tokens", 0) if history else 0
+            self.earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # before a resume
+            self.first_step = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = self.last_time = time.perf_counter()
-            self.last_tokens = 0
+            self.last_tokens = self.trained_tokens
+            self.first_step = state.global_step  # > 0 when resumed
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -123,7 +129,7 @@ def make_progress_callback(run_dir: Path, device: Device, console):
             tokens_per_s = (tokens - self.last_tokens) / window if tokens else 0.0
             self.last_time, self.last_tokens, self.trained_tokens = now, tokens, tokens
             elapsed = now - (self.start or now)
-            eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+            eta = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
             record = {
                 "step": state.global_step,
                 "max_steps": state.max_steps,
@@ -133,7 +139,7 @@ def make_progress_callback(run_dir: Path, device: Device, console):
                 "tokens": tokens,
                 "tokens_per_s": round(tokens_per_s, 1),
                 "peak_memory_gib": round(peak_memory_gib(device), 3),
-                "elapsed_s": round(elapsed, 2),
+                "elapsed_s": round(self.earlier_s + elapsed, 2),
             }
             self.losses.append(record["loss"])
             with metrics_path.open("a", encoding="utf-8") as f:

@@ -393,7 +393,7 @@ def test_tables():
     plain = format_table(rows).splitlines()
     assert plain[0].split()[:3] == ["group", "n", "scorable"] and plain[2].startswith("ja ")
     compared = to_markdown(compare(rows, rows)).splitlines()
-    assert compared[2] == "| ja | 2 | 2 | 50.0% | 50.0% | +0.0 pt | yes | 100.0% | 100.0% | +0.0 pt |"
+    assert compared[2] == "| ja | 2 | 2 | 50.0% | 50.0% | +0.0 pt | yes | 50.0% | 50.0% | 100.0% | 100.0% | +0.0 pt |"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,539 @@
+"""Runs that survive: checkpoints written atomically, resume after a kill, clean interrupts, out-of-memory
+advice, free-space checks.
+
+What a checkpoint is. The Trainer's own `checkpoint-N` folder (adapter or weights, optimizer, scheduler,
+RNG states, trainer_state.json with the step and epoch, which with the seeded sampler fix the data
+position) plus `lowvram_ft_state.json` (trained tokens so far, which TRL does not save). Transformers 5.17
+writes it straight into `checkpoint-N`, so a kill mid-write would leave a folder that looks complete:
+here it is written into `checkpoints/.staging/checkpoint-N`, synced, and renamed into place, and only a
+folder whose files are all present and whose trainer_state.json names step N counts as complete.
+
+What a resume may change. `--resume` continues with the run's saved config.yaml. Keys that cannot change
+the trained weights may differ (RESUMABLE_KEYS: evaluation, output, logging and checkpoint cadence,
+tokenization workers and cache, activation checkpointing and embedding offload), and so may
+train.batch_size with train.gradient_accumulation_steps when their product (the effective batch) stays
+the same, so that a run that ran out of memory can continue with smaller micro-batches. Every other
+change is refused with the list of changed keys. Logged losses of a resumed run equal the uninterrupted
+run's when train.logging_steps divides the checkpoint's step (always with logging_steps=1): the Trainer
+does not save the loss accumulated since the last log, so the first log after a resume averages only
+the steps run since the checkpoint.
+
+Light at import (config + standard library): the command line imports it for `--resume`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from .config import Config, ConfigError, diff, load_config, to_dict
+
+CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N folders
+STAGING = ".staging"  # checkpoint-N is written here first, then renamed into CHECKPOINTS
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "lowvram_ft_state.json"
+# A checkpoint is complete when it has these and one of WEIGHT_FILES (single process: one RNG file).
+REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+RESUMABLE_KEYS = ("eval.", "output.", "train.logging_steps", "train.save_steps", "train.keep_checkpoints",
+                  "data.num_proc", "data.cache_dir", "model.gradient_checkpointing", "model.offload_embedding")
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SAVE_MARGIN = 1.1  # free space wanted over the expected size of a save, plus SAVE_SLACK_BYTES
+SAVE_SLACK_BYTES = 64 * 2**20
+FAULT_ENV = "LOWVRAM_FT_FAULT"  # testing hook, see fault()
+
+
+class ResumeError(RuntimeError):
+    """A run that cannot be resumed as asked; the message says why and what to do."""
+
+
+class DiskSpaceError(RuntimeError):
+    """Not enough free disk space for a save, found before anything is written."""
+
+
+class OutOfMemory(RuntimeError):
+    """Out of memory, with the phase, step, memory figures and what to change (first line: the summary)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended the run; `message` says what was saved and how to resume.
+    A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = SIGNAL_EXIT.get(signum, 128 + int(signum))
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: Path) -> tuple[list[Checkpoint], list[Path]]:
+    """(complete checkpoints oldest first, incomplete checkpoint folders). Staging folders are neither."""
+    folder = checkpoint_dir(run_dir)
+    complete, broken = [], []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        step = int(match.group(1))
+        (complete.append(Checkpoint(path, step)) if is_complete(path, step) else broken.append(path))
+    return sorted(complete, key=lambda c: c.step), broken
+
+
+def is_complete(path: Path, step: int) -> bool:
+    """Every file a resume needs is there and trainer_state.json is readable and names this step."""
+    if not all((path / name).is_file() for name in REQUIRED_FILES):
+        return False
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == step
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    complete, _ = list_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def describe_unfinished(run_dir: Path) -> str:
+    """What an unfinished run folder holds, for the message that refuses to reuse it."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "holds an unfinished run with no complete checkpoint — pass --overwrite to replace it, or choose another --output"
+    return (f"holds an unfinished run (last checkpoint: step {latest.step}) — continue it with --resume, "
+            "pass --overwrite to replace it, or choose another --output")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> Config:
+    """The config a resumed run continues with: the saved config.yaml (or --config), then overrides.
+    ResumeError when the folder is not a run, or when a change would alter what is trained."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise ResumeError(f"{run_dir}: no such run folder — nothing to resume")
+    if not saved_path.is_file():
+        raise ResumeError(f"{run_dir}: no config.yaml — not a lowvram_ft run folder, nothing to resume")
+    saved = load_config(saved_path)
+    config = load_config(config_file or saved_path, overrides)
+    changed = run_changes(to_dict(saved), to_dict(config))
+    if changed:
+        raise ResumeError("\n".join(
+            [f"{run_dir}: cannot resume with a config that changes what is trained ({len(changed)} "
+             f"key{'s' if len(changed) > 1 else ''} differ from {saved_path}):"]
+            + [f"  {line}" for line in changed]
+            + ["resume without these changes, or start a new run (--overwrite, or another --output)"]))
+    return config
+
+
+def run_changes(saved: dict, new: dict) -> list[str]:
+    """The 'key: old -> new' lines of `config.diff` that alter the trained weights (see RESUMABLE_KEYS)."""
+    lines = [line for line in diff(saved, new) if not line.split(":", 1)[0].startswith(RESUMABLE_KEYS)]
+    same_batch = (saved["train"]["batch_size"] * saved["train"]["gradient_accumulation_steps"]
+                  == new["train"]["batch_size"] * new["train"]["gradient_accumulation_steps"])
+    if same_batch:
+        lines = [line for line in lines
+                 if line.split(":", 1)[0] not in ("train.batch_size", "train.gradient_accumulation_steps")]
+    return lines
+
+
+def resume_point(run_dir: Path) -> Checkpoint:
+    """The newest complete checkpoint of an unfinished run; ResumeError when there is none."""
+    if not Path(run_dir).is_dir():
+        raise ResumeError(f"{run_dir}: no such run folder — nothing to resume")
+    if (Path(run_dir) / "summary.json").is_file():
+        raise ResumeError(f"{run_dir}: this run has finished (summary.json) — nothing to resume; "
+                          "pass --overwrite to train it again")
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise ResumeError(f"{run_dir}: no complete checkpoint to resume from — start the run again with --overwrite")
+    return latest
+
+
+def rewind_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the metrics.jsonl records up to `step` (a resume logs the later steps again); returns them.
+    A line cut short by a kill is dropped."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(record)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return kept
+
+
+def resume_command(run_dir: Path, overrides: tuple[str, ...] | list[str] = ()) -> str:
+    return " ".join(["python -m lowvram_ft train --output", shlex.quote(str(run_dir)), "--resume",
+                     *(shlex.quote(o) for o in overrides)])
+
+
+def saved_state(path: Path) -> dict:
+    """What lowvram_ft adds to a checkpoint (trained tokens so far); {} when absent or unreadable."""
+    try:
+        value = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# --------------------------------------------------------------------------- the run's state
+
+
+class RunState:
+    """What the run is doing (phase, completed steps, device, folder): for the out-of-memory and
+    interrupt messages, the stop request, and the clean-up after a failure."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.phase = "load"  # load → train → save → eval
+        self.step = 0  # completed optimizer steps
+        self.device = None
+        self.run_dir: Path | None = None
+        self.fresh = True  # a new run (not --resume): removed again if it fails before its first checkpoint
+        self.stop_signal: int | None = None
+        self._previous: dict = {}
+
+    def begin(self, run_dir: Path, fresh: bool) -> Path:
+        self.run_dir, self.fresh = Path(run_dir), fresh
+        return self.run_dir
+
+    # -- signals: during training, finish the step and checkpoint; otherwise stop at once
+
+    def install_signal_handlers(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in SIGNAL_EXIT:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.phase == "train" and self.stop_signal is None:
+            self.stop_signal = signum
+            print(f"\n[lowvram_ft] {signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise Interrupted(signum, self.interrupt_message(signum))
+
+    def raise_if_stopped(self) -> None:
+        """After trainer.train(): a requested stop ends the run here, its checkpoint written."""
+        if self.stop_signal is not None:
+            raise Interrupted(self.stop_signal, self.interrupt_message(self.stop_signal))
+
+    def interrupt_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        run_dir = self.run_dir
+        latest = latest_checkpoint(run_dir) if run_dir else None
+        if run_dir is None or (latest is None and self.fresh and self.phase in ("load", "train")):
+            return f"interrupted ({name}) before the first checkpoint: nothing saved"
+        if self.phase == "eval":
+            return (f"interrupted ({name}) during the evaluation: the trained adapter is in {run_dir / 'adapter'}\n"
+                    f"evaluate it with: python -m lowvram_ft eval --run {shlex.quote(str(run_dir))}")
+        where = f"at step {self.step}" if self.stop_signal == signum else f"during step {self.step + 1}"
+        saved = f"checkpoint {latest.path} (step {latest.step})" if latest else "no checkpoint"
+        return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir)}"
+
+    # -- failure: out-of-memory advice and no half-made folder
+
+    def clean_up(self) -> None:
+        """A new run that failed before writing a checkpoint leaves nothing behind."""
+        if self.run_dir is None or not self.fresh or not self.run_dir.is_dir():
+            return
+        if latest_checkpoint(self.run_dir) is None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def make_run_callback(run: RunState):
+    """A TrainerCallback that keeps `run.step`, honours a stop request (checkpoint, then stop) and runs
+    the testing faults."""
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed TrainerState keeps the logging/save cadence of the checkpoint: use this run's.
+            state.compute_steps(args, state.max_steps)
+            run.step = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            run.step = state.global_step
+            fault("step", state.global_step)
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the last step is always checkpointed, whatever save_steps says
+            if run.stop_signal is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return RunCallback()
+
+
+# --------------------------------------------------------------------------- atomic checkpoints
+
+
+@cache
+def atomic_checkpoint_trainer(base: type) -> type:
+    """`base` (a Trainer class) whose checkpoints are written under a temporary name, synced and renamed
+    when complete, after a free-space check; rotation keeps the newest by step number."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class AtomicCheckpointTrainer(base):
+        _staging_root: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging_root or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            parent = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            staging = parent / STAGING
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
+            _, need = save_sizes(self.model, self.args.optim)
+            check_free_space(parent.parent, need, f"checkpoint {name}")
+            staging.mkdir(parents=True)
+            self._staging_root = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            state = {"step": self.state.global_step, "trained_tokens": getattr(self, "_total_train_tokens", None)}
+            (staging / name / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+            sync_tree(staging / name)
+            if (parent / name).exists():
+                shutil.rmtree(parent / name)
+            (staging / name).rename(parent / name)
+            sync_dir(parent)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(str(parent), self.args.save_total_limit, use_mtime=False)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            fault("checkpoint", self.state.global_step)  # testing: die with the weights written, the rest not
+            super()._save_optimizer_and_scheduler(output_dir)
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            tokens = saved_state(Path(resume_from_checkpoint)).get("trained_tokens") if resume_from_checkpoint else None
+            if isinstance(tokens, int) and hasattr(self, "_total_train_tokens"):
+                self._total_train_tokens = tokens  # TRL counts num_tokens itself and does not checkpoint it
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    AtomicCheckpointTrainer.__name__ = AtomicCheckpointTrainer.__qualname__ = base.__name__
+    return AtomicCheckpointTrainer
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file in `folder` (and the folder), so the rename publishes data that is on disk:
+    a machine that loses power right after the rename still has a complete checkpoint."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    sync_dir(folder)
+
+
+def sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- disk space
+
+
+def adapter_bytes(model) -> int:
+    """Expected size of the saved weights: the trainable parameters × their dtype's bytes (LoRA
+    weights and modules_to_save, or every weight in full fine-tuning)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def save_sizes(model, optimizer: str) -> tuple[int, int]:
+    """(adapter bytes, checkpoint bytes) expected for `model`; a checkpoint adds the optimizer's
+    states (8-bit: ~1 byte per state per weight, else 4)."""
+    from .plan import OPTIMIZERS
+
+    weights = adapter_bytes(model)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    states, kind = OPTIMIZERS.get(optimizer, (2, "fp32"))
+    return weights, int(weights + states * (1.02 if kind == "8bit" else 4) * count)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk holding `path` (its nearest existing parent)."""
+    if "nospace" in os.environ.get(FAULT_ENV, "").split(","):
+        return 0  # testing hook: a full disk
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(path: Path, expected_bytes: int, what: str) -> None:
+    """DiskSpaceError, before anything is written, when `path`'s disk cannot hold `what`."""
+    need = int(expected_bytes * SAVE_MARGIN) + SAVE_SLACK_BYTES
+    free = free_bytes(path)
+    if free < need:
+        raise DiskSpaceError(f"{path}: not enough free disk space for {what}: needs about {need / 2**30:.2f} GiB, "
+                             f"{free / 2**30:.2f} GiB free — free some space, or choose another --output")
+
+
+def check_run_space(run: RunState, model, optimizer: str) -> None:
+    """Before training: room for the checkpoints still to be written (keep_checkpoints + the one being
+    written) and the final adapter."""
+    adapter, one = save_sizes(model, optimizer)
+    existing = len(list_checkpoints(run.run_dir)[0])
+    count = max(run.cfg.train.keep_checkpoints + 1 - existing, 1)
+    check_free_space(run.run_dir, adapter + count * one,
+                     f"{count} checkpoint{'s' if count > 1 else ''} and the adapter")
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA out of memory or a host MemoryError, also when wrapped (a load error keeps it as __cause__)."""
+    while error is not None:
+        names = {t.__name__ for t in type(error).__mro__}
+        if isinstance(error, MemoryError) or "OutOfMemoryError" in names:
+            return True
+        error = error.__cause__
+    return False
+
+
+def out_of_memory(run: RunState, error: BaseException) -> OutOfMemory:
+    """The message for an out-of-memory error: phase, step, peak and capacity, the planner's
+    recommendation for this config and card, and the checkpoint that is still valid."""
+    where = {"load": "while loading the model", "train": f"in training step {run.step + 1}",
+             "save": "while saving the adapter", "eval": "during the evaluation"}.get(run.phase, run.phase)
+    detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    peak, capacity, kind = memory_figures(run.device)
+    lines = [f"out of memory {where} ({detail})"]
+    if peak is not None:
+        lines.append(f"peak {kind} reached {peak:.2f} GiB of {capacity:.2f} GiB" if capacity else
+                     f"peak {kind} reached {peak:.2f} GiB")
+    advice, resumable = planner_advice(run.cfg, capacity if run.device is not None and run.device.kind == "cuda" else None)
+    lines += advice
+    latest = latest_checkpoint(run.run_dir) if run.run_dir else None
+    if latest is not None and run.phase in ("train", "save"):
+        lines.append(f"checkpoint {latest.path} (step {latest.step}) is intact")
+        if resumable is not None:
+            lines.append(f"continue from it with: {resume_command(run.run_dir, resumable)}")
+        else:
+            lines.append("these changes alter what is trained: start a new run with them (--overwrite)")
+    elif run.phase == "eval" and run.run_dir is not None:
+        lines.append(f"the trained adapter is saved in {run.run_dir / 'adapter'}: evaluate it with "
+                     f"`python -m lowvram_ft eval --run {shlex.quote(str(run.run_dir))}` and smaller eval settings")
+    return OutOfMemory("\n".join(lines))
+
+
+def memory_figures(device) -> tuple[float | None, float | None, str]:
+    """(peak GiB, capacity GiB, what is measured) of the device: GPU reserved memory, else host RSS/RAM."""
+    if device is None:
+        return None, None, ""
+    from .train import peak_memory_gib
+
+    if device.kind == "cuda":
+        return peak_memory_gib(device), device.total_gib, "reserved VRAM"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return peak_memory_gib(device), ram, "RSS (host RAM)"
+
+
+def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tuple[str, ...] | None]:
+    """(lines of advice, the overrides of the first recommendation a --resume accepts, if any).
+    When the planner thinks the run fits (or there is no GPU size), it is asked for ~15% less memory
+    than it predicts: its estimate was too low for this run."""
+    from . import plan
+
+    try:
+        inp = plan.plan_input_from_config(cfg, plan.model_config_for(cfg.model.name))
+        predicted = plan.predict(inp, vram_gib).total_gib
+        recommendations = plan.recommend(inp, vram_gib) if vram_gib else []
+        lines = [f"the planner predicts a peak of {predicted:.2f} GiB for this config"]
+        if not recommendations:
+            target = predicted * 0.9
+            recommendations = plan.recommend(inp, target)
+            lines[0] += " — too low for this run; changes that lower it by about 15%:"
+            text = plan.format_recommendations(recommendations, target)
+        else:
+            text = plan.format_recommendations(recommendations, vram_gib)
+    except plan.PlanError as error:
+        return [f"the planner cannot size this model ({error}): lower model.max_seq_length or train.batch_size"], None
+    lines += text.splitlines()
+    resumable = next((r.overrides for r in recommendations if resumable_overrides(cfg, r.overrides)), None)
+    return lines, resumable
+
+
+def resumable_overrides(cfg: Config, overrides) -> bool:
+    """Whether `--resume` accepts these `group.key=value` overrides on top of `cfg`."""
+    import yaml
+
+    saved = to_dict(cfg)
+    tree = to_dict(cfg)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        group, _, name = key.partition(".")
+        tree.setdefault(group, {})[name] = yaml.safe_load(raw)
+    try:
+        new = to_dict(load_config(None, tree))
+    except ConfigError:
+        return False
+    return not run_changes(saved, new)
+
+
+# --------------------------------------------------------------------------- testing hook
+
+
+def fault(where: str, step: int) -> None:
+    """Testing hook, off unless LOWVRAM_FT_FAULT is set: a comma-separated list of
+    `kill@step=N` (SIGKILL at the end of step N, before its checkpoint), `kill@checkpoint=N` (SIGKILL
+    halfway through writing checkpoint N: weights written, optimizer not), `oom@step=N` (a CUDA
+    out-of-memory error at the end of step N), and `nospace` (free_bytes reports a full disk)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        action, _, point = item.strip().partition("@")
+        if point != f"{where}={step}":
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "oom":
+            import torch
+
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB "
+                                              f"(simulated by {FAULT_ENV}={spec})")

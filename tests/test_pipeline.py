@@ -1,0 +1,132 @@
+"""End to end on the embedded default, exactly as `make demo` runs it (configs/embedded.yaml).
+
+One training run per test session (about 2–3 minutes on 2 CPU cores); every test below reads its
+outputs and asserts an effect that could fail: the loss fell, the adapters — experts included — moved
+away from their zero init, a reload in a process without Unsloth reproduces the trained logits, and
+the tuned model reasons in the requested language far more often than the base model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--config", "configs/embedded.yaml",
+                           "--output", str(run_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"dir": run_dir, "stdout": proc.stdout, "seconds": time.perf_counter() - started}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_run_folder_holds_every_promised_file(demo):
+    run = demo["dir"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "eval.json", "eval.md",
+                 "eval.png", "eval_samples.jsonl"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*partial*")) and not list(run.glob(".*.tmp")), "no half-written leftovers"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"]["kind"] == "cpu" and summary["peak_memory_kind"] == "peak_rss"
+    assert summary["versions"]["unsloth"] == "2026.10.9" and summary["versions"]["torch"].startswith("2.14")
+    assert summary["trained_tokens"] > 100_000 and summary["steps"] == 500
+    record = read_jsonl(run / "metrics.jsonl")[-1]
+    assert {"step", "loss", "learning_rate", "tokens_per_s", "peak_memory_gib"} <= set(record)
+    assert record["tokens_per_s"] > 0 and record["peak_memory_gib"] > 0.1
+
+
+def test_loss_falls(demo):
+    losses = [r["loss"] for r in read_jsonl(demo["dir"] / "metrics.jsonl")]
+    assert losses[0] > 7.0, "a random model starts near ln(vocab)"
+    assert losses[-1] < 0.4 * losses[0], losses
+
+
+def test_log_shows_each_step_and_the_trainable_split(demo):
+    out = demo["stdout"]
+    for step in ("config", "device", "model", "lora", "data", "train", "save", "done"):
+        assert f"[lowvram_ft] {step}:" in out
+    line = next(line for line in out.splitlines() if line.startswith("[lowvram_ft] lora:"))
+    assert "experts 81,920" in line.replace("\n", " ") or "experts" in out
+
+
+def test_adapters_moved_attention_and_experts_included(demo):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(demo["dir"] / "adapter" / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    experts = [v for k, v in lora_b.items() if "experts" in k]
+    attention = [v for k, v in lora_b.items() if "self_attn" in k]
+    assert experts and attention
+    # LoRA B starts at exactly zero: non-zero means training changed the experts' effective weights.
+    assert all(float(v.abs().max()) > 1e-4 for v in experts + attention)
+
+
+def test_reload_without_unsloth_reproduces_trained_logits(demo):
+    """Plain transformers + PEFT, in a fresh process without Unsloth, on the saved adapter."""
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+adapter = {str(demo["dir"] / "adapter")!r}
+base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+tok = AutoTokenizer.from_pretrained(adapter)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+probe = json.load(open({str(demo["dir"] / "summary.json")!r}))["reload_probe"]
+ids = tok(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+with torch.inference_mode():
+    logits = model(input_ids=ids).logits[0, -1]
+assert "unsloth" not in sys.modules
+print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": logits[probe["top_ids"]].tolist(),
+                   "top": torch.topk(logits, len(probe["top_ids"])).indices.tolist()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["top"] == result["ids"]
+    assert result["got"] == pytest.approx(result["want"], abs=1e-3)
+
+
+def test_tuned_model_reasons_in_the_requested_language(demo):
+    """A real learning effect, measured by the evaluation harness itself."""
+    result = json.loads((demo["dir"] / "eval.json").read_text())
+    before = {r["group"]: r for r in result["tables"]["before"]}
+    after = {r["group"]: r for r in result["tables"]["after"]}
+    assert after["trained"]["think_all_rate"] > before["trained"]["think_all_rate"] + 0.5
+    assert after["trained"]["think_rate"] >= 0.8
+    assert after["trained"]["think_match"] > before["trained"]["think_match"]
+    ppl = result["perplexity"]
+    assert ppl["after"] < ppl["before"] / 10, ppl
+    samples = read_jsonl(demo["dir"] / "eval_samples.jsonl")
+    assert {s["phase"] for s in samples} == {"before", "after"}
+    assert len(samples) == 2 * after["overall"]["n"]
+    pairs = {(s["prompt_id"], s["target_language"]) for s in samples if s["phase"] == "before"}
+    assert pairs == {(s["prompt_id"], s["target_language"]) for s in samples if s["phase"] == "after"}
+
+
+def test_smoke_runs_in_a_minute_and_gates_on_think_match(demo):
+    started = time.perf_counter()
+    ok = subprocess.run([sys.executable, "-m", "lowvram_ft", "smoke", "--run", str(demo["dir"]),
+                         "--min-think-match", "0.5"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - started
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert seconds < 60, f"smoke took {seconds:.0f} s"
+    assert (demo["dir"] / "smoke" / "eval.json").is_file()
+    strict = subprocess.run([sys.executable, "-m", "lowvram_ft", "smoke", "--run", str(demo["dir"]),
+                             "--min-think-match", "1.01"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 1
+    assert "below --min-think-match 1.01" in strict.stderr
