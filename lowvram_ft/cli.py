@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ConfigError as error:
         return fail(error.problems)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # checkpoint.Interrupted says what was saved and how to resume
+        print(getattr(error, "message", None) or "interrupted", file=sys.stderr)
+        return getattr(error, "exit_code", 130)
     except Exception as error:  # noqa: BLE001 — known user-facing errors become one line
         known = user_error(error)
         if known is None:
@@ -45,8 +45,11 @@ def user_error(error: Exception) -> tuple[int, str] | None:
     from .model import ModelError
 
     names = {type(e).__name__ for e in type(error).__mro__}
-    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError"}:
+    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError",
+                                                  "ResumeError", "DiskSpaceError"}:
         return EXIT_BAD_INPUT, str(error)
+    if "OutOfMemory" in names:  # checkpoint.OutOfMemory: phase, step, memory, what to change
+        return EXIT_OOM, str(error)
     if "OutOfMemoryError" in names or "out of memory" in str(error).lower():
         return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"
     return None
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, load nothing")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its newest complete checkpoint, with its saved config")
     train.add_argument("--force", action="store_true", help="train even when the planner predicts it will not fit")
     train.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
     train.set_defaults(run=run_train)
@@ -150,14 +155,28 @@ def run_train(args) -> int:
         for key, default, text in describe_fields():
             print(f"{key:34} {default:28} {text}")
         return 0
-    cfg = resolve(args)
+    cfg = resolve_resume(args) if args.resume else resolve(args)
     from . import pipeline
 
     if args.dry_run:
         pipeline.dry_run(cfg)
         return 0
-    pipeline.train(cfg, force=args.force)
+    pipeline.train(cfg, force=args.force, resume=args.resume)
     return 0
+
+
+def resolve_resume(args):
+    """The saved config of the run in --output; --config, flags and overrides may change only what does
+    not alter the run (checkpoint.resume_config)."""
+    from pathlib import Path
+
+    from .checkpoint import resume_config
+
+    if not args.output:
+        raise ConfigError(["--resume: name the run to continue with --output RUN"])
+    if args.overwrite:
+        raise ConfigError(["--resume with --overwrite: choose one — continue the run, or replace it"])
+    return resume_config(Path(args.output), args.config, resolve_flags(args) + list(args.overrides))
 
 
 def run_data(args) -> int:

@@ -106,9 +106,10 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
-def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int) -> list[dict]:
+def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int, streamer=None) -> list[dict]:
     """Completions (raw text with control tokens, whether a stop token ended them, new-token count).
-    Batch b is sampled under seed + b, so two calls with the same prompts and seed draw alike."""
+    Batch b is sampled under seed + b, so two calls with the same prompts and seed draw alike.
+    `streamer` (transformers' BaseStreamer interface, one prompt) receives the tokens as they come."""
     import torch
 
     stops = stop_token_ids(tokenizer)
@@ -125,7 +126,7 @@ def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int) ->
                 max_new_tokens=ev.max_new_tokens, do_sample=not ev.greedy,
                 temperature=ev.temperature if not ev.greedy else None,
                 top_p=ev.top_p if not ev.greedy else None, top_k=ev.top_k if not ev.greedy else None,
-                eos_token_id=stops, pad_token_id=pad,
+                eos_token_id=stops, pad_token_id=pad, streamer=streamer,
             )
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             results.append(cut_at_stop(row, stops, pad, tokenizer))
