@@ -44,14 +44,17 @@ def user_error(error: Exception) -> tuple[int, str] | None:
     """(exit code, one line) for errors that mean bad input or a full GPU, else None (a bug: traceback)."""
     from .model import ModelError
 
-    names = {type(e).__name__ for e in type(error).__mro__}
-    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError",
-                                                  "ResumeError", "DiskSpaceError"}:
-        return EXIT_BAD_INPUT, str(error)
+    names = {cls.__name__ for cls in type(error).__mro__}
     if "OutOfMemory" in names:  # checkpoint.OutOfMemory: phase, step, memory, what to change
         return EXIT_OOM, str(error)
+    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError",
+                                                  "ResumeError", "DiskSpaceError", "ExportError", "ChatError",
+                                                  "TrackingError"}:
+        return EXIT_BAD_INPUT, str(error)
     if "OutOfMemoryError" in names or "out of memory" in str(error).lower():
         return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"
+    if isinstance(error, OSError) and error.filename:  # a file no loader checked first (unreadable, full disk)
+        return EXIT_BAD_INPUT, f"{error.filename}: {error.strerror or error} — check the path, its permissions and free space"
     return None
 
 
@@ -104,11 +107,54 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 1 when the (tuned, else base) think-match rate of the trained languages is below X")
     smoke.set_defaults(run=run_eval, smoke=True)
 
+    bench = sub.add_parser("bench", help="peak VRAM and tokens/s: our trainer vs the plain Hugging Face stack")
+    bench.add_argument("--config", metavar="CASES.yaml", help="case matrix (default: benchmarks/cases/gpu.yaml "
+                       "on a GPU, cpu.yaml otherwise)")
+    bench.set_defaults(run=run_bench)
+    try_add_bench_arguments(bench)
+
     plan = sub.add_parser("plan", help="predict peak VRAM from config.json alone and recommend what fits")
     add_run_options(plan)
     plan.add_argument("--vram", type=float, metavar="GiB", help="the card's memory in GiB (e.g. 16)")
     plan.set_defaults(run=run_plan)
+
+    export = sub.add_parser("export", help="write a run as lora / merged-16bit / merged-4bit / mxfp4 / gguf, with a model card")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    export.add_argument("--format", required=True, choices=("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf"),
+                        help="lora and merged-16bit everywhere (gguf too, with llama.cpp); merged-4bit and mxfp4 need a GPU")
+    export.add_argument("--out", metavar="DIR", help="where to write it (default RUN/export/FORMAT)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--gguf-quant", default="q8_0", metavar="Q", help="GGUF quantization (default q8_0; q4_k_m, bf16, ...)")
+    export.add_argument("--push", metavar="USER/NAME", help="upload to this Hugging Face Hub repository (token from HF_TOKEN)")
+    export.add_argument("--public", action="store_true", help="make the pushed repository public (default private)")
+    export.set_defaults(run=run_export)
+
+    chat = sub.add_parser("chat", help="talk to a run: streaming, multi-turn; /effort, /reset, /exit")
+    add_chat_options(chat)
+    chat.add_argument("--show-prompt", action="store_true", help="print each rendered prompt (dimmed) before the answer")
+    chat.set_defaults(run=run_chat)
+
+    generate = sub.add_parser("generate", help="answer one prompt: the final answer, or analysis + final as --json")
+    add_chat_options(generate)
+    generate.add_argument("--prompt", required=True, help="the user message")
+    generate.add_argument("--json", action="store_true", help='print {"analysis": ..., "final": ..., "truncated": ...}')
+    generate.set_defaults(run=run_generate)
     return parser
+
+
+def add_chat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
+    p.add_argument("--model", help="Hub id or local folder instead of --run (default: the embedded model)")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
+    p.add_argument("--tokenizer", help="tokenizer instead of the model's own ('gpt-oss' = real o200k_harmony, offline)")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"),
+                   help="Harmony 'Reasoning:' level (default: the run's data.reasoning_effort)")
+    p.add_argument("--reasoning-language", metavar="LANG", help="ask for reasoning in this language (e.g. French)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, gpt-oss's recommendation)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0, gpt-oss's recommendation)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off (default, gpt-oss's recommendation)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation limit per answer (default 1024)")
+    p.add_argument("--seed", type=int, default=3407, help="sampling seed (chat adds the turn number)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -123,7 +169,15 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def resolve(args: argparse.Namespace):
     """Config from defaults < --config < flags < group.key=value (the explicit overrides win)."""
-    return load_config(args.config, resolve_flags(args) + list(args.overrides))
+    try:
+        return load_config(args.config, resolve_flags(args) + list(args.overrides))
+    except OSError as error:  # exists but cannot be read (permissions, I/O error)
+        raise unreadable(error, args.config) from None
+
+
+def unreadable(error: OSError, path) -> ConfigError:
+    return ConfigError([f"{error.filename or path}: cannot read the file ({error.strerror or error}) — "
+                        "check that it exists and is readable"])
 
 
 def resolve_flags(args: argparse.Namespace) -> list[str]:
@@ -176,7 +230,10 @@ def resolve_resume(args):
         raise ConfigError(["--resume: name the run to continue with --output RUN"])
     if args.overwrite:
         raise ConfigError(["--resume with --overwrite: choose one — continue the run, or replace it"])
-    return resume_config(Path(args.output), args.config, resolve_flags(args) + list(args.overrides))
+    try:
+        return resume_config(Path(args.output), args.config, resolve_flags(args) + list(args.overrides))
+    except OSError as error:
+        raise unreadable(error, args.config or Path(args.output) / "config.yaml") from None
 
 
 def run_data(args) -> int:
@@ -223,8 +280,72 @@ def run_eval(args) -> int:
     return 0
 
 
+def try_add_bench_arguments(parser) -> None:
+    """The bench module owns its extra flags; it imports nothing heavy at module level."""
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
+def run_bench(args) -> int:
+    from . import bench
+
+    bench.run_bench(args.config, out_dir=args.out, only=args.cases, budgets=args.budgets)
+    return 0
+
+
 def run_plan(args) -> int:
     cfg = resolve(args)
     from . import plan
 
     return plan.run(cfg, vram_gib=args.vram)
+
+
+def run_export(args) -> int:
+    from pathlib import Path
+
+    from . import export
+
+    export.export(Path(args.run_dir), args.format, out=Path(args.out) if args.out else None, push=args.push,
+                  public=args.public, overwrite=args.overwrite, gguf_quant=args.gguf_quant)
+    return 0
+
+
+def chat_setup(args):
+    """(config, adapter, session, sampling) for chat / generate from --run or --model/--adapter."""
+    from pathlib import Path
+
+    from . import chat
+
+    if args.run_dir and args.model:
+        raise ConfigError(["--run and --model: choose one (a run brings its own model and adapter)"])
+    flags = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
+    if args.run_dir:
+        from .evaluate import run_config
+
+        cfg = run_config(Path(args.run_dir), flags)
+        adapter = args.adapter or str(Path(args.run_dir) / "adapter")
+    else:
+        cfg = load_config(None, flags + ([f"model.name={quote(args.model)}"] if args.model else []))
+        adapter = args.adapter
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError(["--max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1], --top-k >= 0"])
+    session = chat.Session(reasoning_effort=args.reasoning_effort or cfg.data.reasoning_effort,
+                           reasoning_language=args.reasoning_language)
+    sampling = chat.Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return cfg, adapter, session, sampling
+
+
+def run_chat(args) -> int:
+    from . import chat
+
+    cfg, adapter, session, sampling = chat_setup(args)
+    return chat.run_chat(cfg, adapter, session, sampling, show_prompt=args.show_prompt)
+
+
+def run_generate(args) -> int:
+    from . import chat
+
+    cfg, adapter, session, sampling = chat_setup(args)
+    return chat.run_generate(cfg, adapter, args.prompt, session, sampling, as_json=args.json)

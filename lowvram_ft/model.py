@@ -48,7 +48,13 @@ def detect_device() -> Device:
         props = torch.cuda.get_device_properties(0)
         bf16 = torch.cuda.is_bf16_supported()
         why = "GPU supports bf16" if bf16 else "GPU has no bf16 (pre-Ampere): float16"
-        return Device("cuda", props.name, props.total_memory / 2**30, bf16, f"cuda:0 {props.name}; {why}")
+        total = props.total_memory / 2**30
+        cap = os.environ.get("LOWVRAM_FT_VRAM_GIB")
+        if cap:  # emulate a smaller card on a bigger one (benchmarks, tests, "will it fit on 16 GB?")
+            total = min(total, float(cap))
+            torch.cuda.set_per_process_memory_fraction(total * 2**30 / props.total_memory, 0)
+            why += f"; memory capped at {total:.1f} GiB by LOWVRAM_FT_VRAM_GIB (emulated card)"
+        return Device("cuda", props.name, total, bf16, f"cuda:0 {props.name}; {why}")
     from unsloth_zoo.cpu import cpu_bf16_supported
 
     bf16 = bool(cpu_bf16_supported())
