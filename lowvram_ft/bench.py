@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shlex
@@ -250,7 +249,8 @@ def case_problems(case: Case) -> list[str]:
         value = getattr(case, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name}: got {value!r}; expected a positive integer")
-    if not isinstance(case.warmup_steps, int) or not 0 <= case.warmup_steps < (case.steps if isinstance(case.steps, int) else 0):
+    steps = case.steps if isinstance(case.steps, int) else 0
+    if not isinstance(case.warmup_steps, int) or not 0 <= case.warmup_steps < steps:
         problems.append(f"warmup_steps: got {case.warmup_steps!r}; expected 0 to steps - 1 (some steps must be timed)")
     if case.dtype not in ("bfloat16", "float16", "float32"):
         problems.append(f"dtype: got {case.dtype!r}; expected bfloat16, float16 or float32")
@@ -502,7 +502,7 @@ def case_table(records: list[dict], gpu: bool) -> list[str]:
         cells = [r["setting"], r["stack"], status, fmt(r["tokens_per_s"], ",.0f"), fmt(r["median_step_s"], ".3f")]
         if gpu:
             cells += [fmt(r["peak_allocated_gib"]), fmt(r["peak_reserved_gib"]), fmt(r["peak_nvml_gib"]),
-                      fmt(r["load_gib"]), fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f") + ("%" if r["mfu"] is not None else "")]
+                      fmt(r["load_gib"]), "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
         else:
             cells += [fmt(r["peak_rss_gib"]), fmt(r["load_gib"])]
         cells += [fmt(trainable, ",d"), losses]
@@ -654,7 +654,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR", help=f"results folder (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--cases", action="append", metavar="TEXT",
                         help="run only cases whose setting contains TEXT (repeatable), e.g. --cases 'gpt-oss-20b'")
-    parser.add_argument("--budgets", metavar="GiB,...", help="emulated cards to search, a subset of the matrix's (e.g. 16,24)")
+    parser.add_argument("--budgets", metavar="GiB,...",
+                        help="emulated cards to search, a subset of the matrix's (e.g. 16,24)")
 
 
 def run_bench(matrix_path: str | Path | None = None, out_dir: str | Path = DEFAULT_OUT_DIR, console=None,
@@ -689,7 +690,8 @@ def run_bench(matrix_path: str | Path | None = None, out_dir: str | Path = DEFAU
         models.clean_up()
     path = write_results(records, env, Path(out_dir), stem)
     print_summary(records, device, console)
-    log(console, f"results: {path}, {path.with_suffix('.md')}" + (f", {path.with_suffix('.png')}" if paired(records) else ""))
+    chart = f", {path.with_suffix('.png')}" if paired(records) else ""
+    log(console, f"results: {path}, {path.with_suffix('.md')}{chart}")
     return path
 
 
@@ -758,8 +760,12 @@ def run_case(case: Case, models: "ModelStore", device: dict, log_dir: Path, cons
 def run_process(command: list[str], log_file: Path, timeout_s: float) -> int | None:
     """Run a case process in its own session (so a timeout ends it and every child it started); its
     output goes to log_file. Returns the exit code, or None after a timeout."""
+    package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    # Budgets are the cases' budget_gib, applied to both stacks alike; model.detect_device's own card
+    # emulation would cap the lowvram_ft stack alone.
+    env.pop("LOWVRAM_FT_VRAM_GIB", None)
     with log_file.open("w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -951,8 +957,9 @@ def environment(device: dict) -> dict:
 def invoking_command() -> str:
     """The command line that started this run, without paths that name the machine or the user."""
     argv = list(sys.argv)
-    for module in ("lowvram_ft", "lowvram_ft.bench"):
-        if argv and argv[0].endswith(os.path.join(*module.split(".")) + (".py" if "." in module else os.sep + "__main__.py")):
+    scripts = {os.path.join("lowvram_ft", "__main__.py"): "lowvram_ft", os.path.join("lowvram_ft", "bench.py"): "lowvram_ft.bench"}
+    for script, module in scripts.items():
+        if argv and argv[0].endswith(script):
             return shlex.join(["python", "-m", module, *argv[1:]])
     if argv and argv[0] in ("-c", ""):
         return "python -c ... (called from Python)"
@@ -1165,7 +1172,8 @@ class MemoryMonitor:
     def write_heartbeat(self) -> None:
         key = "nvml_used" if self.gpu else "rss"
         try:
-            write_text_atomic(self.heartbeat, json.dumps({"phase": self.phase, f"peak_{key}": round(self.overall_peak / GIB, 3)}))
+            peak = round(self.overall_peak / GIB, 3)
+            write_text_atomic(self.heartbeat, json.dumps({"phase": self.phase, f"peak_{key}": peak}))
         except OSError:
             pass
 

@@ -8,10 +8,11 @@ The session state, the slash commands and the streamed view are plain values, te
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .conversation import REASONING_EFFORTS, Conversation, Message
 
@@ -21,6 +22,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 HELP = ("commands: /effort low|medium|high, /language X (or /language off), /reset (forget the conversation), "
         "/exit (or Ctrl-D)")
 EXIT = object()
+PARTIAL_CONTROL = re.compile(r"<(\|[a-z]*\|?)?$")
 
 
 class ChatError(RuntimeError):
@@ -108,8 +110,9 @@ class StreamView:
         self.shown = {"analysis": "", "final": ""}
 
     def update(self, text: str) -> list[tuple[str, str]]:
-        """[(channel, new text)] since the last update, analysis before final."""
-        parsed = self.parse(text)
+        """[(channel, new text)] since the last update, analysis before final. A control token still
+        being written at the end (`<|en`) is held back until it is complete."""
+        parsed = self.parse(PARTIAL_CONTROL.sub("", text))
         news = []
         for channel, value in (("analysis", parsed.analysis), ("final", parsed.final)):
             shown = self.shown[channel]
@@ -223,8 +226,6 @@ def load_chat_model(cfg, adapter: str | None):
 def run_generate(cfg, adapter: str | None, prompt: str, session: Session, sampling: Sampling,
                  as_json: bool = False) -> int:
     """`generate`: the final answer on stdout, or {"analysis", "final", "truncated"} as JSON."""
-    import json
-
     model, tokenizer = load_chat_model(cfg, adapter)
     result = answer(model, tokenizer, render(session.conversation(prompt), tokenizer, cfg.data.date), cfg,
                     sampling, seed=sampling.seed)
@@ -246,7 +247,7 @@ def run_chat(cfg, adapter: str | None, session: Session, sampling: Sampling, sho
     console = console or Console(highlight=False)
     model, tokenizer = load_chat_model(cfg, adapter)
     console.print(f"chatting with {cfg.model.name}" + (f" + {adapter}" if adapter else "")
-                  + f" — reasoning effort {session.reasoning_effort}; {HELP}", style="dim", markup=False)
+                  + f" — reasoning effort {session.reasoning_effort}; {HELP}", style="dim", markup=False, soft_wrap=True)
     turn = 0
     while True:
         try:
@@ -254,40 +255,38 @@ def run_chat(cfg, adapter: str | None, session: Session, sampling: Sampling, sho
         except EOFError:
             console.print()
             return 0
-        if not line:
-            continue
         if line.startswith("/"):
             reply = handle_command(line, session)
             if reply is EXIT:
                 return 0
             console.print(reply, style="dim", markup=False)
-            continue
-        try:
-            prompt = render(session.conversation(line), tokenizer, cfg.data.date)
-        except ValueError as error:  # e.g. a Harmony control token typed into the message
-            console.print(f"error: {error}", style="red", markup=False)
-            continue
-        if show_prompt:
-            console.print(prompt, style="dim", markup=False, highlight=False)
-        printer = Printer(console)
-        try:
-            result = answer(model, tokenizer, prompt, cfg, sampling, seed=sampling.seed + turn, show=printer)
-        except KeyboardInterrupt:
-            printer.finish()
-            console.print("(answer interrupted; not kept in the conversation)", style="dim")
-            continue
+        elif line and chat_turn(model, tokenizer, cfg, session, sampling, line, sampling.seed + turn, console,
+                                show_prompt):
+            turn += 1
+
+
+def chat_turn(model, tokenizer, cfg, session: Session, sampling: Sampling, line: str, seed: int, console,
+              show_prompt: bool) -> bool:
+    """Answer one user line, streaming; True when the exchange was kept in the conversation."""
+    try:
+        prompt = render(session.conversation(line), tokenizer, cfg.data.date)
+    except ValueError as error:  # e.g. a Harmony control token typed into the message
+        console.print(f"error: {error}", style="red", markup=False)
+        return False
+    if show_prompt:  # one line, JSON-quoted: every special token and newline visible exactly
+        console.print("prompt: " + json.dumps(prompt, ensure_ascii=False), style="dim", markup=False,
+                      highlight=False, soft_wrap=True)
+    printer = Printer(console)
+    try:
+        result = answer(model, tokenizer, prompt, cfg, sampling, seed=seed, show=printer)
+    except KeyboardInterrupt:
         printer.finish()
-        if result["final"] is None and result["analysis"] is None:
-            console.print(f"(no Harmony channel in the output) {result['completion']}", style="dim", markup=False)
-        console.print(f"({result['new_tokens']} tokens, {result['new_tokens'] / max(result['seconds'], 1e-9):.1f} "
-                      "tokens/s" + (", cut at --max-new-tokens" if result["truncated"] else "") + ")", style="dim")
-        session.remember(line, result["analysis"], result["final"])
-        turn += 1
-
-
-def chat_inputs(run: str | None, adapter: str | None) -> tuple[Path | None, str | None]:
-    """(run folder, adapter folder) from --run / --adapter: a run brings its own adapter."""
-    if run:
-        run_dir = Path(run)
-        return run_dir, adapter or str(run_dir / "adapter")
-    return None, adapter
+        console.print("(answer interrupted; not kept in the conversation)", style="dim")
+        return False
+    printer.finish()
+    if result["final"] is None and result["analysis"] is None:
+        console.print(f"(no Harmony channel in the output) {result['completion']}", style="dim", markup=False)
+    console.print(f"({result['new_tokens']} tokens, {result['new_tokens'] / max(result['seconds'], 1e-9):.1f} "
+                  "tokens/s" + (", cut at --max-new-tokens" if result["truncated"] else "") + ")", style="dim")
+    session.remember(line, result["analysis"], result["final"])
+    return True

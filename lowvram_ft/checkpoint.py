@@ -39,8 +39,8 @@ CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N f
 STAGING = ".staging"  # checkpoint-N is written here first, then renamed into CHECKPOINTS
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "lowvram_ft_state.json"
-# A checkpoint is complete when it has these and one of WEIGHT_FILES (single process: one RNG file).
-REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+# A checkpoint is complete when it has these, one RNG file per process (rng_state_files) and one of WEIGHT_FILES.
+REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 RESUMABLE_KEYS = ("eval.", "output.", "train.logging_steps", "train.save_steps", "train.keep_checkpoints",
                   "data.num_proc", "data.cache_dir", "model.gradient_checkpointing", "model.offload_embedding")
@@ -100,7 +100,7 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Checkpoint], list[Path]]:
 
 def is_complete(path: Path, step: int) -> bool:
     """Every file a resume needs is there and trainer_state.json is readable and names this step."""
-    if not all((path / name).is_file() for name in REQUIRED_FILES):
+    if not all((path / name).is_file() for name in REQUIRED_FILES + rng_state_files(path)):
         return False
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return False
@@ -109,6 +109,15 @@ def is_complete(path: Path, step: int) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(state, dict) and state.get("global_step") == step
+
+
+def rng_state_files(path: Path) -> tuple[str, ...]:
+    """One RNG file per training process: rng_state.pth, or rng_state_0..N-1.pth for a checkpoint of N
+    processes (accelerate launch / torchrun; N is recorded in lowvram_ft_state.json)."""
+    processes = saved_state(path).get("processes", 1)
+    if not isinstance(processes, int) or processes <= 1:
+        return ("rng_state.pth",)
+    return tuple(f"rng_state_{rank}.pth" for rank in range(processes))
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -144,7 +153,8 @@ def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) 
             [f"{run_dir}: cannot resume with a config that changes what is trained ({len(changed)} "
              f"key{'s' if len(changed) > 1 else ''} differ from {saved_path}):"]
             + [f"  {line}" for line in changed]
-            + ["resume without these changes, or start a new run (--overwrite, or another --output)"]))
+            + ["resume with the saved config (`--output RUN --resume` and nothing else), or start a new run "
+               "with these changes (--overwrite, or another --output)"]))
     return config
 
 
@@ -247,14 +257,14 @@ class RunState:
             print(f"\n[lowvram_ft] {signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a "
                   "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
             return
-        raise Interrupted(signum, self.interrupt_message(signum))
+        raise Interrupted(signum, self.interrupt_message(signum, at_once=True))
 
     def raise_if_stopped(self) -> None:
         """After trainer.train(): a requested stop ends the run here, its checkpoint written."""
         if self.stop_signal is not None:
-            raise Interrupted(self.stop_signal, self.interrupt_message(self.stop_signal))
+            raise Interrupted(self.stop_signal, self.interrupt_message(self.stop_signal, at_once=False))
 
-    def interrupt_message(self, signum: int) -> str:
+    def interrupt_message(self, signum: int, at_once: bool) -> str:
         name = signal.Signals(signum).name
         run_dir = self.run_dir
         latest = latest_checkpoint(run_dir) if run_dir else None
@@ -263,7 +273,7 @@ class RunState:
         if self.phase == "eval":
             return (f"interrupted ({name}) during the evaluation: the trained adapter is in {run_dir / 'adapter'}\n"
                     f"evaluate it with: python -m lowvram_ft eval --run {shlex.quote(str(run_dir))}")
-        where = f"at step {self.step}" if self.stop_signal == signum else f"during step {self.step + 1}"
+        where = f"during step {self.step + 1}" if at_once and self.phase == "train" else f"at step {self.step}"
         saved = f"checkpoint {latest.path} (step {latest.step})" if latest else "no checkpoint"
         return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir)}"
 
@@ -286,11 +296,15 @@ def make_run_callback(run: RunState):
         def on_train_begin(self, args, state, control, **kwargs):
             # A resumed TrainerState keeps the logging/save cadence of the checkpoint: use this run's.
             state.compute_steps(args, state.max_steps)
+            state.train_batch_size = args.train_batch_size  # may differ (same effective batch), see run_changes
             run.step = state.global_step
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            fault("step", state.global_step + 1, "begin")
 
         def on_step_end(self, args, state, control, **kwargs):
             run.step = state.global_step
-            fault("step", state.global_step)
+            fault("step", state.global_step, "end")
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the last step is always checkpointed, whatever save_steps says
             if run.stop_signal is not None:
@@ -319,24 +333,33 @@ def atomic_checkpoint_trainer(base: type) -> type:
             parent = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             staging = parent / STAGING
-            shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
-            _, need = save_sizes(self.model, self.args.optim)
-            check_free_space(parent.parent, need, f"checkpoint {name}")
-            staging.mkdir(parents=True)
+            # Several processes (accelerate launch): every one writes its part (rng_state_{rank}.pth) into
+            # the staging folder that process 0 prepared; process 0 alone publishes it.
+            main = self.args.should_save
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
+                _, need = save_sizes(self.model, self.args.optim)
+                check_free_space(parent.parent, need, f"checkpoint {name}")
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             self._staging_root = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging_root = None
-            state = {"step": self.state.global_step, "trained_tokens": getattr(self, "_total_train_tokens", None)}
-            (staging / name / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
-            sync_tree(staging / name)
-            if (parent / name).exists():
-                shutil.rmtree(parent / name)
-            (staging / name).rename(parent / name)
-            sync_dir(parent)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(str(parent), self.args.save_total_limit, use_mtime=False)
+            self.accelerator.wait_for_everyone()
+            if main:
+                state = {"step": self.state.global_step, "trained_tokens": getattr(self, "_total_train_tokens", None),
+                         "processes": self.args.world_size}
+                (staging / name / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+                sync_tree(staging / name)
+                if (parent / name).exists():
+                    shutil.rmtree(parent / name)
+                (staging / name).rename(parent / name)
+                sync_dir(parent)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(str(parent), self.args.save_total_limit, use_mtime=False)
+            self.accelerator.wait_for_everyone()
 
         def _save_optimizer_and_scheduler(self, output_dir):
             fault("checkpoint", self.state.global_step)  # testing: die with the weights written, the rest not
@@ -475,25 +498,27 @@ def memory_figures(device) -> tuple[float | None, float | None, str]:
 
 def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tuple[str, ...] | None]:
     """(lines of advice, the overrides of the first recommendation a --resume accepts, if any).
-    When the planner thinks the run fits (or there is no GPU size), it is asked for ~15% less memory
-    than it predicts: its estimate was too low for this run."""
+    When the planner thinks the run fits (or there is no GPU size), its estimate was too low for this
+    run: it is asked for changes that lower its prediction by 15%, else by 5%."""
     from . import plan
 
     try:
         inp = plan.plan_input_from_config(cfg, plan.model_config_for(cfg.model.name))
         predicted = plan.predict(inp, vram_gib).total_gib
-        recommendations = plan.recommend(inp, vram_gib) if vram_gib else []
         lines = [f"the planner predicts a peak of {predicted:.2f} GiB for this config"]
-        if not recommendations:
-            target = predicted * 0.9
-            recommendations = plan.recommend(inp, target)
-            lines[0] += " — too low for this run; changes that lower it by about 15%:"
-            text = plan.format_recommendations(recommendations, target)
-        else:
-            text = plan.format_recommendations(recommendations, vram_gib)
+        budget, recommendations = vram_gib, plan.recommend(inp, vram_gib) if vram_gib else []
+        for cut in (0.15, 0.05):
+            if recommendations:
+                break
+            budget = predicted * (1 - cut) / (1 - plan.SAFETY_MARGIN)
+            recommendations = [r for r in plan.recommend(inp, budget) if r.fits]
+            lines[0] = (f"the planner predicts a peak of {predicted:.2f} GiB for this config, too low for this run; "
+                        f"changes that lower it by {cut:.0%}:")
     except plan.PlanError as error:
         return [f"the planner cannot size this model ({error}): lower model.max_seq_length or train.batch_size"], None
-    lines += text.splitlines()
+    if not recommendations:
+        return lines + ["  the planner finds no change that lowers it: lower model.max_seq_length or use a larger GPU"], None
+    lines += plan.format_recommendations(recommendations, budget).splitlines()
     resumable = next((r.overrides for r in recommendations if resumable_overrides(cfg, r.overrides)), None)
     return lines, resumable
 
@@ -518,11 +543,11 @@ def resumable_overrides(cfg: Config, overrides) -> bool:
 # --------------------------------------------------------------------------- testing hook
 
 
-def fault(where: str, step: int) -> None:
+def fault(where: str, step: int, when: str = "end") -> None:
     """Testing hook, off unless LOWVRAM_FT_FAULT is set: a comma-separated list of
     `kill@step=N` (SIGKILL at the end of step N, before its checkpoint), `kill@checkpoint=N` (SIGKILL
     halfway through writing checkpoint N: weights written, optimizer not), `oom@step=N` (a CUDA
-    out-of-memory error at the end of step N), and `nospace` (free_bytes reports a full disk)."""
+    out-of-memory error as step N begins), and `nospace` (free_bytes reports a full disk)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -530,9 +555,9 @@ def fault(where: str, step: int) -> None:
         action, _, point = item.strip().partition("@")
         if point != f"{where}={step}":
             continue
-        if action == "kill":
+        if action == "kill" and when == "end":
             os.kill(os.getpid(), signal.SIGKILL)
-        if action == "oom":
+        if action == "oom" and when == "begin":
             import torch
 
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB "

@@ -49,7 +49,7 @@ def user_error(error: Exception) -> tuple[int, str] | None:
         return EXIT_OOM, str(error)
     if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError",
                                                   "ResumeError", "DiskSpaceError", "ExportError", "ChatError",
-                                                  "TrackingError"}:
+                                                  "TrackingError", "BenchError"}:
         return EXIT_BAD_INPUT, str(error)
     if "OutOfMemoryError" in names or "out of memory" in str(error).lower():
         return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"

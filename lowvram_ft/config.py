@@ -202,7 +202,8 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})"]) from None
+        what = str(getattr(error, "problem", None) or error).splitlines()[0]  # reader errors span lines
+        raise ConfigError([f"{path}{where}: invalid YAML ({what})"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -217,7 +218,8 @@ def parse_override(item: str, problems: list[str]) -> tuple[str | None, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip().lstrip("-")
     if not sep or not key:
-        problems.append(f"{item}: overrides look like group.key=value (e.g. lora.r=16)")
+        shown = item if item.strip() and item.isprintable() else repr(item)  # '' or control characters
+        problems.append(f"{shown}: overrides look like group.key=value (e.g. lora.r=16)")
         return None, None
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -352,6 +354,8 @@ def cross_check(config: Config) -> list[str]:
     data = config.data
     if not data.dataset:
         problems.append("data.dataset: empty — name at least one data set (Hub id, local file, or 'sample')")
+    if any(not entry.strip() for entry in data.dataset):
+        problems.append("data.dataset: an entry is blank — give each a Hub id, a local file, or 'sample'")
     if data.weights and len(data.weights) != len(data.dataset):
         problems.append(f"data.weights: {len(data.weights)} ratios for {len(data.dataset)} data sets — give one per entry")
     if data.weights and (any(w < 0 for w in data.weights) or sum(data.weights) <= 0):

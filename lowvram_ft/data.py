@@ -246,7 +246,7 @@ def resolve_source(entry: str, split: str) -> tuple[str, Path | None, Problem | 
             return str(SAMPLE_FILE), None, Problem(str(SAMPLE_FILE), None, "the shipped sample set is missing",
                                                    "reinstall lowvram_ft", "unreadable", fatal=True)
         return str(SAMPLE_FILE), SAMPLE_FILE, None
-    path = Path(entry).expanduser()
+    path = Path(os.path.expanduser(entry))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir():
         return entry, None, Problem(entry, None, "is a directory, not a file",
                                     f"pass one {'/'.join(SUFFIXES)} file inside it", "unreadable", fatal=True)
@@ -1082,7 +1082,7 @@ def location_key(where: str) -> tuple[str, int]:
 def cache_root(cfg: Config) -> Path:
     """data.cache_dir, else $LOWVRAM_FT_CACHE/data, else ~/.cache/lowvram_ft/data."""
     if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir).expanduser()
+        return Path(os.path.expanduser(cfg.data.cache_dir))
     return Path(os.environ.get("LOWVRAM_FT_CACHE") or Path.home() / ".cache" / "lowvram_ft") / "data"
 
 

@@ -51,6 +51,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     """Write RUN's adapter in `fmt` to `out` (default RUN/export/FMT), with README.md; returns the folder."""
     from rich.console import Console
 
+    from . import model as models
     from .evaluate import run_config
     from .pipeline import log
 
@@ -59,16 +60,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     cfg = run_config(run_dir, [])
     adapter = adapter_dir(run_dir)
     out = Path(out) if out else run_dir / "export" / fmt
-    check_destination(out, overwrite)
-    token = check_push(push, os.environ) if push else None
-    llama_cpp = None
-    if fmt == "gguf":
-        llama_cpp = find_llama_cpp(os.environ)
-        if llama_cpp is None:
-            raise ExportError(LLAMA_CPP_MISSING)
-        use_llama_cpp(llama_cpp)
-
-    from . import model as models
+    token = check_request(fmt, out, overwrite, push)  # nothing heavy imported yet
 
     models.import_unsloth()
     device = models.detect_device()
@@ -80,22 +72,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
 
     model, tokenizer = load_run_model(cfg, device, adapter)
     log(console, "model", f"{cfg.model.name} + adapter {adapter}")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        written = save(model, tokenizer, fmt, staging, gguf_quant)
-        summary = read_json(run_dir / "summary.json")
-        eval_md = (run_dir / "eval.md").read_text(encoding="utf-8") if (run_dir / "eval.md").is_file() else None
-        (written / "README.md").write_text(
-            model_card(cfg, summary, eval_md, fmt, run_dir), encoding="utf-8")
-        shutil.copyfile(run_dir / "config.yaml", written / "lowvram_ft_config.yaml")
-        if out.exists():
-            shutil.rmtree(out)
-        written.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(sibling(staging, fmt), ignore_errors=True)
+    write_export(model, tokenizer, fmt, run_dir, cfg, out, gguf_quant)
     log(console, "export", f"{fmt} written to {out} ({folder_gib(out):.3f} GiB)")
     if push:
         url = upload(out, push, token, private=not public)
@@ -103,7 +80,40 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     return out
 
 
+def write_export(model, tokenizer, fmt: str, run_dir: Path, cfg, out: Path, gguf_quant: str) -> None:
+    """Save, add the model card and the config, then rename into `out`: no half-written export is left."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = save(model, tokenizer, fmt, staging, gguf_quant)
+        eval_md = run_dir / "eval.md"
+        card = model_card(cfg, read_json(run_dir / "summary.json"),
+                          eval_md.read_text(encoding="utf-8") if eval_md.is_file() else None, fmt, run_dir)
+        (written / "README.md").write_text(card, encoding="utf-8")
+        shutil.copyfile(run_dir / "config.yaml", written / "lowvram_ft_config.yaml")
+        if out.exists():
+            shutil.rmtree(out)
+        written.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(sibling(staging, fmt), ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- checks before any work
+
+
+def check_request(fmt: str, out: Path, overwrite: bool, push: str | None) -> str | None:
+    """What can be refused from the arguments alone: the destination, the push (returns its token) and,
+    for GGUF, llama.cpp (pointed out to Unsloth when found)."""
+    check_destination(out, overwrite)
+    token = check_push(push, os.environ) if push else None
+    if fmt == "gguf":
+        llama_cpp = find_llama_cpp(os.environ)
+        if llama_cpp is None:
+            raise ExportError(LLAMA_CPP_MISSING)
+        use_llama_cpp(llama_cpp)
+    return token
 
 
 def adapter_dir(run_dir: Path) -> Path:
@@ -216,13 +226,13 @@ def resource_problems(fmt: str, needs: Needs, free: Needs, where: Path) -> list[
     """One line per resource that is short: what is needed, what is free, what to do."""
     problems = []
     for kind, need, have, fix in (
-        ("disk", needs.disk, free.disk, f"in {where}: free space there or pass --out on a larger disk"),
+        ("disk", needs.disk, free.disk, f"free space in {where} or pass --out on a larger disk"),
         ("RAM", needs.ram, free.ram, "close other programs or export on a machine with more memory"),
         ("VRAM", needs.vram, free.vram, "free the GPU (other processes hold it) or use a larger GPU"),
     ):
         if need and have is not None and need > have:
             problems.append(f"--format {fmt} needs about {need / 2**30:.2f} GiB free {kind}, "
-                            f"{have / 2**30:.2f} GiB free {fix}")
+                            f"{have / 2**30:.2f} GiB free — {fix}")
     return problems
 
 

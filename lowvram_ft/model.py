@@ -69,7 +69,7 @@ def resolve_model_path(name: str) -> str:
         from .embedded import embedded_model_dir
 
         return str(embedded_model_dir())
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelError(f"{name}: folder has no config.json — point --model at a saved model folder")

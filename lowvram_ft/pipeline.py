@@ -1,7 +1,9 @@
-"""The training story, top to bottom: `train(cfg)`.
+"""The training story, top to bottom: `train(cfg)` (guarding `run_training`, the story itself).
 
-resolve run folder → decide device → load model → add LoRA → build dataset → train → save →
-evaluate (base vs tuned) → report. Each step is one call whose result feeds the next.
+resolve run folder (or the checkpoint to resume) → read data → decide device → load model → add LoRA →
+tokenize → train (checkpoints) → save → evaluate (base vs tuned) → report. Each step is one call whose
+result feeds the next. `train` adds what makes a run survive (checkpoint.py): Ctrl-C / SIGTERM finish
+the step and checkpoint, out of memory becomes advice, a failed new run leaves no folder behind.
 """
 from __future__ import annotations
 
@@ -47,16 +49,22 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     from . import checkpoint
     from . import model as models
     from .data import load_data, tokenize_data
-    from .train import build_trainer, make_progress_callback, optimizer_name, peak_memory_gib
+    from .distributed import max_over_processes, processes, shared_run_dir
+    from .train import (build_trainer, check_trackers, make_progress_callback, optimizer_name, peak_memory_gib,
+                        point_trackers_at)
 
-    console = console or Console(highlight=False)
+    procs = processes()  # under accelerate launch / torchrun only the main process writes and prints
+    console = console or Console(highlight=False, quiet=not procs.main)
     started = time.perf_counter()
-    run_dir = run.begin(prepare_run_dir(cfg, resume=resume), fresh=not resume)
+    check_trackers(cfg.output.report_to)  # a missing optional tracker fails before anything is written
+    run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, resume=resume)), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
     resume_from = checkpoint.resume_point(run_dir) if resume else None
-    history = checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step) if resume_from else []
+    history = (checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step)
+               if resume_from and procs.main else [])
     if resume_from:
         log(console, "resume", describe_resume(run_dir, resume_from))
+    data = load_data(cfg)  # before the model: bad data fails in seconds, not after a long load
 
     models.import_unsloth()
     device = models.detect_device()
@@ -73,30 +81,40 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     log(console, "lora", format_counts(counts))
     checkpoint.check_run_space(run, model, optimizer_name(cfg, device))
 
-    data = load_data(cfg)
     tokenized = tokenize_data(data.train, tokenizer, cfg)
     log(console, "data", format_data_stats(data.stats, tokenized.stats))
 
     progress = make_progress_callback(run_dir, device, console, history=history)
+    point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
                             [progress, checkpoint.make_run_callback(run)])
     run.phase = "train"
     result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
     run.raise_if_stopped()  # Ctrl-C / SIGTERM: the checkpoint is written; say how to resume
     run.phase = "save"
-    peak = peak_memory_gib(device)
+    peak = max_over_processes(procs, peak_memory_gib(device))
     log(console, "train", f"{result.global_step} steps, final loss {progress.losses[-1] if progress.losses else float('nan'):.4f}, "
         f"peak {'VRAM' if device.kind == 'cuda' else 'RSS'} {peak:.2f} GiB")
 
-    adapter_dir = save_adapter(model, tokenizer, run_dir)
+    if procs.sharded:  # FSDP / ZeRO-3: the adapter is spread over the processes; all of them gather it
+        trainer.save_model(str(run_dir / ".adapter.sharded"))
+    if not procs.main:
+        return run_dir
+    adapter_dir = (publish_sharded_adapter(tokenizer, run_dir) if procs.sharded
+                   else save_adapter(model, tokenizer, run_dir))
     log(console, "save", f"adapter and tokenizer in {adapter_dir}")
     summary = build_summary(cfg, device, result, progress, counts, data.stats, tokenized.stats, peak,
                             time.perf_counter() - started)
-    summary["reload_probe"] = probe_logits(model, tokenizer)
+    summary["processes"] = procs.world_size
+    if not procs.sharded:  # a forward pass in one process would wait forever for the others' shards
+        summary["reload_probe"] = probe_logits(model, tokenizer)
     write_json_atomic(run_dir / "summary.json", summary)
 
     run.phase = "eval"
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and procs.sharded:
+        log(console, "eval", f"skipped: the weights are sharded over {procs.world_size} processes — "
+            f"run `python -m lowvram_ft eval --run {run_dir}` on one GPU")
+    elif cfg.eval.enabled:
         evaluate_run(model, tokenizer, cfg, data, run_dir, console)
     log(console, "done", f"results in {run_dir}")
     return run_dir
@@ -173,6 +191,16 @@ def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     staging = run_dir / ".adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
+def publish_sharded_adapter(tokenizer, run_dir: Path) -> Path:
+    """The adapter the Trainer gathered from every process (FSDP / ZeRO-3), plus the tokenizer, moved
+    into run_dir/adapter (main process only)."""
+    staging, final = run_dir / ".adapter.sharded", run_dir / "adapter"
     tokenizer.save_pretrained(staging)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)

@@ -349,7 +349,7 @@ Option = tuple
 def resolve_model_config(model: str) -> dict:
     """config.json of `model`: a local folder (or config.json path), a bundled Hub id, or, when
     HF_HUB_OFFLINE is not set, config.json fetched from the Hub. Raises PlanError otherwise."""
-    path = Path(model).expanduser()
+    path = Path(os.path.expanduser(model))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir() and (path / "config.json").is_file():
         return _read_json(path / "config.json")
     if path.is_file() and path.name.endswith(".json"):

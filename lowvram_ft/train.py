@@ -1,4 +1,5 @@
-"""Training with TRL's SFTTrainer: our few settings mapped onto SFTConfig, live progress, metrics.
+"""Training with TRL's SFTTrainer: our few settings mapped onto SFTConfig, live progress, metrics, and
+the optional experiment trackers (TensorBoard, MLflow, W&B) pointed into the run folder.
 
 `sft_config_kwargs` is pure (tested without a model). The trainer and callbacks import transformers /
 trl inside functions, after `model.import_unsloth()` has run.
@@ -7,11 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from .config import Config
 from .model import Device
+
+# output.report_to -> the packages its Trainer callback imports (any one of them will do).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+
+class TrackingError(RuntimeError):
+    """An experiment tracker that cannot be used; one line with the install command."""
 
 
 def optimizer_name(cfg: Config, device: Device) -> str:
@@ -57,6 +66,7 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
         save_steps=t.save_steps or 500,
         save_total_limit=t.keep_checkpoints,
         report_to=trackers or "none",
+        run_name=Path(checkpoint_dir).parent.name,  # the run folder's name in TensorBoard / MLflow / W&B
         max_length=cfg.model.max_seq_length,
         packing=cfg.data.packing and device.kind == "cuda",
         # Unsloth set up (offloaded) gradient checkpointing on the model; the Trainer must not replace it.
@@ -76,13 +86,57 @@ def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, 
     from .checkpoint import atomic_checkpoint_trainer
 
     args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints")))
-    return atomic_checkpoint_trainer(SFTTrainer)(
+    trainer = atomic_checkpoint_trainer(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    # Ours before the Trainer's own: the progress callback adds tokens/s and peak memory to the logs
+    # that the tracker callbacks (TensorBoard, MLflow, W&B) then record.
+    handler = trainer.callback_handler
+    handler.callbacks = [*callbacks, *(c for c in handler.callbacks if all(c is not ours for ours in callbacks))]
+    return trainer
+
+
+def missing_trackers(report_to: list[str], find_spec=None) -> list[str]:
+    """The trackers in output.report_to whose package is not installed."""
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    return [t for t in report_to if t in TRACKER_PACKAGES and not any(find_spec(p) for p in TRACKER_PACKAGES[t])]
+
+
+def check_trackers(report_to: list[str], find_spec=None) -> None:
+    """Before anything is loaded or written: every tracker asked for is installed (they are optional)."""
+    missing = missing_trackers(report_to, find_spec)
+    if missing:
+        raise TrackingError(f"output.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                            f"installed — `pip install {' '.join(missing)}` (optional extra), or remove "
+                            f"{'it' if len(missing) == 1 else 'them'} from output.report_to")
+
+
+def tracker_environment(report_to: list[str], run_dir: Path, env) -> dict[str, str]:
+    """Environment settings that make the trackers write into the run folder: TensorBoard events in
+    RUN/tensorboard, an MLflow file store in RUN/mlruns, W&B files in RUN/wandb (offline without an
+    API key). Variables the user has set are left alone (an MLflow server of their own included).
+    Pure: returns what to set."""
+    wanted = {}
+    if "tensorboard" in report_to:
+        wanted["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if "mlflow" in report_to and "MLFLOW_TRACKING_URI" not in env:
+        wanted["MLFLOW_TRACKING_URI"] = Path(run_dir, "mlruns").absolute().as_uri()
+        wanted["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 asks for this to use a plain folder store
+    if "wandb" in report_to:
+        wanted["WANDB_DIR"] = str(run_dir)
+        if not env.get("WANDB_API_KEY"):
+            wanted["WANDB_MODE"] = "offline"  # no key: log locally (`wandb sync` later) instead of prompting
+    return {key: value for key, value in wanted.items() if key not in env}
+
+
+def point_trackers_at(run_dir: Path, report_to: list[str]) -> None:
+    os.environ.update(tracker_environment(report_to, run_dir, os.environ))
 
 
 def peak_memory_gib(device: Device) -> float:
@@ -142,6 +196,10 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
                 "elapsed_s": round(self.earlier_s + elapsed, 2),
             }
             self.losses.append(record["loss"])
+            # The trackers' callbacks run after this one and record these too.
+            logs.update(tokens_per_s=record["tokens_per_s"], peak_memory_gib=record["peak_memory_gib"])
+            if not state.is_world_process_zero:
+                return  # one process writes metrics.jsonl (the loss and token count are already global)
             with metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             console.print(

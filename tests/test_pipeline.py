@@ -44,7 +44,7 @@ def test_run_folder_holds_every_promised_file(demo):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"]["kind"] == "cpu" and summary["peak_memory_kind"] == "peak_rss"
     assert summary["versions"]["unsloth"] == "2026.10.9" and summary["versions"]["torch"].startswith("2.14")
-    assert summary["trained_tokens"] > 100_000 and summary["steps"] == 500
+    assert summary["trained_tokens"] > 100_000 and summary["steps"] == 400
     record = read_jsonl(run / "metrics.jsonl")[-1]
     assert {"step", "loss", "learning_rate", "tokens_per_s", "peak_memory_gib"} <= set(record)
     assert record["tokens_per_s"] > 0 and record["peak_memory_gib"] > 0.1

@@ -1,0 +1,95 @@
+"""Several processes (accelerate launch / torchrun): which one writes, and what they share.
+
+Under `accelerate launch -m lowvram_ft train ...` every process runs the whole training story; the
+Trainer shards the data and averages the gradients. Only the main process (global rank 0) writes the
+run folder — config, metrics, summary, adapter, evaluation — and the others learn its path from it.
+Rank and world size come from the launcher's environment, so the decision is made before anything
+heavy is imported and is a pure function of that environment.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+# Where launchers put the global rank and the number of processes (torchrun / accelerate, then MPI
+# launchers as accelerate reads them for multi-CPU runs).
+RANK_KEYS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+WORLD_KEYS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int  # global rank of this process
+    world_size: int  # number of processes
+    sharded: bool  # FSDP or DeepSpeed: every process holds only a shard of the weights
+
+    @property
+    def main(self) -> bool:
+        """This process writes the outputs."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+
+def processes(env: Mapping[str, str] | None = None) -> Processes:
+    """This process's place among the launched ones; a plain `python -m lowvram_ft` is rank 0 of 1."""
+    env = os.environ if env is None else env
+    rank = first_int(env, RANK_KEYS, 0)
+    world = first_int(env, WORLD_KEYS, 1)
+    sharded = any(env.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return Processes(rank=rank, world_size=max(world, 1), sharded=sharded and world > 1)
+
+
+def first_int(env: Mapping[str, str], keys: tuple[str, ...], default: int) -> int:
+    for key in keys:
+        value = env.get(key, "").strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+    return default
+
+
+def shared_run_dir(procs: Processes, prepare: Callable[[], Path]) -> Path:
+    """The main process prepares the run folder (`prepare()`), then every process gets its path. An
+    error in the main process is raised in all of them, so none waits forever."""
+    if not procs.several:
+        return prepare()
+    from .model import import_unsloth
+
+    import_unsloth()  # before accelerate: Unsloth patches the Hugging Face stack when it is imported first
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # Joins the process group the launcher set up: NCCL on GPUs; without CUDA, accelerate only builds
+    # the gloo group when told it runs on the CPU (as the Trainer tells it later).
+    PartialState(cpu=not torch.cuda.is_available())
+    box: list = [None]
+    if procs.main:
+        try:
+            box = [str(prepare())]
+        except Exception as error:  # noqa: BLE001 — re-raised below, after the others hear of it
+            box = [error]
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return Path(box[0])
+
+
+def max_over_processes(procs: Processes, value: float) -> float:
+    """The largest `value` of all processes (peak memory: the device that came closest to full)."""
+    if not procs.several:
+        return value
+    from accelerate.utils import gather_object
+
+    return max(gather_object([value]))
+
+
+def wait_for_everyone(procs: Processes) -> None:
+    if procs.several:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

@@ -1,0 +1,193 @@
+"""Chat and generate: session state and slash commands, the rendered prompts, the streamed channel view
+(pure), then a scripted terminal session and `generate --json` on a briefly trained embedded run."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowvram_ft.chat import EXIT, Printer, Session, StreamView, handle_command, make_streamer, render
+from lowvram_ft.conversation import Conversation, Message
+from lowvram_ft.harmony import HarmonyOptions, render_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+DATE = "2025-08-05"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lowvram_ft.embedded import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("chat") / "run"
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--config", "configs/embedded.yaml",
+                           "--output", str(run_dir), "train.max_steps=2", "train.batch_size=2", "eval.enabled=false"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return run_dir
+
+
+def harmony(messages, effort="medium", language=None) -> str:
+    return render_prompt(Conversation(tuple(messages), reasoning_language=language, reasoning_effort=effort),
+                         HarmonyOptions(date=DATE))
+
+
+# --------------------------------------------------------------------------- session and commands
+
+
+def test_commands_change_the_session_and_exit_is_exit():
+    session = Session(reasoning_effort="medium")
+    session.remember("hi", "thinking", "hello")
+    assert handle_command("/effort high", session) == "reasoning effort: high"
+    assert session.reasoning_effort == "high"
+    assert handle_command("/effort extreme", session).startswith("reasoning effort is high; /effort takes one of")
+    assert handle_command("/language French", session) == "reasoning language: French"
+    assert session.reasoning_language == "French"
+    assert handle_command("/language off", session) == "reasoning language: not set"
+    assert handle_command("/reset", session) == "conversation cleared" and session.history == []
+    assert handle_command("/exit", session) is EXIT and handle_command("/quit", session) is EXIT
+    assert handle_command("/bogus", session).startswith("unknown command /bogus — commands: /effort")
+
+
+def test_earlier_turns_keep_only_their_final_answer_in_the_next_prompt(tokenizer):
+    session = Session(reasoning_effort="low", reasoning_language="German")
+    session.remember("What is 2+2?", "Ich rechne: 2+2=4.", "4")
+    prompt = render(session.conversation("And 3+3?"), tokenizer, DATE)
+    assert prompt == harmony([Message("user", "What is 2+2?"), Message("assistant", "4"),
+                              Message("user", "And 3+3?")], effort="low", language="German")
+    assert "Reasoning: low" in prompt and "reasoning language: German" in prompt
+    assert "<|start|>assistant<|channel|>final<|message|>4<|end|><|start|>user<|message|>And 3+3?<|end|>" in prompt
+    assert "Ich rechne" not in prompt
+
+
+def test_flags_default_to_gpt_oss_sampling_and_the_runs_effort(tmp_path):
+    from lowvram_ft.chat import RECOMMENDED
+    from lowvram_ft.cli import build_parser, chat_setup
+    from lowvram_ft.config import ConfigError
+
+    args = build_parser().parse_args(["chat", "--model", "embedded", "--adapter", str(tmp_path)])
+    cfg, adapter, session, sampling = chat_setup(args)
+    assert (cfg.model.name, adapter) == ("embedded", str(tmp_path))
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == tuple(RECOMMENDED.values()) == (1.0, 1.0, 0)
+    assert session == Session(reasoning_effort="medium")
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--reasoning-effort", "high",
+                                      "--reasoning-language", "French", "--top-k", "20"])
+    _, adapter, session, sampling = chat_setup(args)
+    assert adapter is None and session == Session("high", "French") and sampling.top_k == 20
+    with pytest.raises(ConfigError, match="--run and --model: choose one"):
+        chat_setup(build_parser().parse_args(["chat", "--run", str(tmp_path), "--model", "embedded"]))
+
+
+# --------------------------------------------------------------------------- the streamed view
+
+
+def test_stream_view_hands_out_each_channel_once_in_order():
+    view = StreamView(harmony=True)
+    text = ("<|channel|>analysis<|message|>We think. Then more.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>Paris is the capital.<|return|>")
+    pieces = []
+    for end in range(1, len(text) + 1):
+        pieces += view.update(text[:end])
+    assert "".join(t for c, t in pieces if c == "analysis") == "We think. Then more."
+    assert "".join(t for c, t in pieces if c == "final") == "Paris is the capital."
+    channels = [c for c, _ in pieces]
+    assert channels == sorted(channels)  # every analysis piece before the first final piece
+
+
+def test_stream_view_for_think_tags_shows_thinking_before_the_answer():
+    view = StreamView(harmony=False)
+    assert view.update("<think>Let me") == [("analysis", "Let me")]
+    assert view.update("<think>Let me see</think>") == [("analysis", " see")]
+    assert view.update("<think>Let me see</think>It is 4.") == [("final", "It is 4.")]
+
+
+def test_streamer_decodes_tokens_as_they_come_skipping_the_prompt(tokenizer):
+    import torch
+
+    completion = ("<|channel|>analysis<|message|>Je réfléchis en français.<|end|>"
+                  "<|start|>assistant<|channel|>final<|message|>Paris.<|return|>")
+    shown = []
+    streamer = make_streamer(tokenizer, StreamView(harmony=True), lambda c, t: shown.append((c, t)))
+    streamer.put(torch.tensor([tokenizer("<|start|>user<|message|>Hi<|end|>", add_special_tokens=False)["input_ids"]]))
+    for token in tokenizer(completion, add_special_tokens=False)["input_ids"]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(t for c, t in shown if c == "analysis") == "Je réfléchis en français."
+    assert "".join(t for c, t in shown if c == "final") == "Paris."
+    assert not any("\ufffd" in t for _, t in shown)  # split UTF-8 characters waited for
+
+
+def test_analysis_is_dimmed_and_apart_from_the_final_answer():
+    from rich.console import Console
+
+    out = io.StringIO()
+    printer = Printer(Console(file=out, force_terminal=True, color_system="standard", width=200))
+    for channel, text in [("analysis", "We "), ("analysis", "think."), ("final", "Paris.")]:
+        printer(channel, text)
+    printer.finish()
+    text = out.getvalue()
+    dim = "\x1b[2m"
+    assert f"{dim}We " in text and f"{dim}think." in text
+    assert "thinking: " in text and "assistant: " in text
+    assert text.index("think.") < text.index("\n") < text.index("assistant: ") < text.index("Paris.")
+    assert f"{dim}Paris." not in text
+
+
+# --------------------------------------------------------------------------- through the terminal
+
+
+def chat(run: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(run), "--max-new-tokens", "6",
+                           "--show-prompt", *extra], input="".join(line + "\n" for line in lines), cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def shown_prompts(stdout: str) -> list[str]:
+    return [json.loads(line.split("prompt: ", 1)[1]) for line in stdout.splitlines() if "prompt: " in line]
+
+
+def test_scripted_session_is_multi_turn_and_obeys_effort_reset_and_exit(run):
+    proc = chat(run, ["What is 2+2?", "/effort high", "And 3+3?", "/reset", "Bonjour", "/exit", "never read"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second, third = shown_prompts(proc.stdout)
+    assert first == harmony([Message("user", "What is 2+2?")])
+    # /effort high rewrote the system message; the first exchange is still there, answer only.
+    assert second.startswith(harmony([], effort="high").removesuffix("<|start|>assistant"))
+    assert "Reasoning: medium" not in second
+    assert "<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant<|channel|>final<|message|>" in second
+    assert "<|channel|>analysis" not in second
+    assert second.endswith("<|start|>user<|message|>And 3+3?<|end|><|start|>assistant")
+    # /reset forgot both exchanges but kept the effort.
+    assert third == harmony([Message("user", "Bonjour")], effort="high")
+    assert "reasoning effort: high" in proc.stdout and "conversation cleared" in proc.stdout
+    assert proc.stdout.count("tokens/s") == 3  # three answers, then /exit: the last line was never read
+
+
+def test_end_of_input_ends_the_session_cleanly(run):
+    proc = chat(run, ["Hello"], "--reasoning-effort", "low", "--reasoning-language", "Italian")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert shown_prompts(proc.stdout) == [harmony([Message("user", "Hello")], effort="low", language="Italian")]
+
+
+def test_generate_json_prints_one_object_with_analysis_and_final(run):
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "generate", "--run", str(run), "--prompt", "Hi",
+                           "--max-new-tokens", "6", "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # loading chatter went to stderr
+    result = json.loads(lines[0])
+    assert set(result) == {"analysis", "final", "truncated"}
+    assert result["truncated"] is True or result["final"] is not None  # 6 tokens: cut off unless it finished

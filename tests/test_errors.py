@@ -1,0 +1,189 @@
+"""Bad input through the command line: each case is exit 2, one `error:` line per problem that says
+what, where and what to do, no traceback, and no output folder left behind.
+
+Most cases stop before a model is loaded (data is read first), so they take a second or two; the
+unknown model id and the tokenizer without a chat template load Unsloth (about 10 s each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see test_resume.py
+QUICK = ["--config", "configs/embedded.yaml", "train.max_steps=2", "eval.enabled=false"]
+
+
+def train(tmp_path: Path, *args: str, output: Path | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+    out = output or tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--output", str(out), *args],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The `error:` lines; also checks the failure is clean: exit 2, no traceback."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, proc.stderr[-2000:]
+    return lines
+
+
+def unreadable_file(tmp_path: Path, name: str) -> Path:
+    """A file that exists but cannot be read: mode 000, or for root (who reads anything) a link to
+    /proc/self/mem, whose first page read fails with an I/O error."""
+    path = tmp_path / name
+    if os.geteuid() != 0:
+        path.write_text("model:\n  name: embedded\n")
+        path.chmod(0)
+        return path
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("running as root without /proc: no way to make an unreadable file")
+    path.symlink_to("/proc/self/mem")
+    return path
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder where nothing can be created: mode 555, or for root a path under /sys."""
+    if os.geteuid() != 0:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o555)
+        return parent / "run"
+    target = Path("/sys/lowvram-ft-test-run")
+    try:
+        target.mkdir()
+    except OSError:
+        return target
+    target.rmdir()
+    pytest.skip("running as root with a writable /sys: no way to make an unwritable folder")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_missing_config_file(tmp_path):
+    proc, out = train(tmp_path, "--config", str(tmp_path / "nope.yaml"))
+    assert error_lines(proc) == [f"error: {tmp_path / 'nope.yaml'}: config file does not exist — pass an existing "
+                                 "YAML file with --config"]
+    assert not out.exists()
+
+
+def test_unreadable_config_file(tmp_path):
+    path = unreadable_file(tmp_path, "config.yaml")
+    proc, out = train(tmp_path, "--config", str(path))
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: {path}: cannot read the file (") and "check that it exists and is readable" in line
+    assert not out.exists()
+
+
+def test_directory_given_as_config_file(tmp_path):
+    proc, out = train(tmp_path, "--config", str(tmp_path))
+    assert error_lines(proc) == [f"error: {tmp_path}: config file is a directory — pass an existing YAML file with --config"]
+    assert not out.exists()
+
+
+def test_missing_dataset_file(tmp_path):
+    proc, out = train(tmp_path, *QUICK, "--dataset", str(tmp_path / "nope.jsonl"))
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: {tmp_path / 'nope.jsonl'}: file not found")
+    assert not out.exists()
+
+
+def test_unreadable_dataset_file(tmp_path):
+    path = unreadable_file(tmp_path, "rows.jsonl")
+    proc, out = train(tmp_path, *QUICK, "--dataset", str(path))
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: {path}: cannot read the file (") and "readable" in line
+    assert not out.exists()
+
+
+def test_directory_given_as_dataset(tmp_path):
+    proc, out = train(tmp_path, *QUICK, "--dataset", str(tmp_path))
+    assert error_lines(proc) == [f"error: {tmp_path}: is a directory, not a file — pass one "
+                                 ".jsonl/.json/.csv/.parquet file inside it"]
+    assert not out.exists()
+
+
+def test_dataset_with_zero_usable_rows(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    proc, out = train(tmp_path, *QUICK, "--dataset", str(empty))
+    assert error_lines(proc) == [f"error: {empty}: no rows — add rows to the file or remove it from data.dataset"]
+    assert not out.exists()
+
+    invalid = tmp_path / "invalid.jsonl"  # every row invalid, and invalid rows skipped: nothing left
+    invalid.write_text('{"user": "hi"}\n{"user": "", "final": ""}\n[1]\n')
+    proc, out = train(tmp_path, "--dataset", str(invalid), *QUICK, "data.on_invalid=skip")
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: data.dataset: no usable rows ({invalid}: 3 read; 3 invalid)")
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tmp_path):
+    target = unwritable_dir(tmp_path)
+    proc, _ = train(tmp_path, *QUICK, output=target)
+    [line] = error_lines(proc)
+    assert line.startswith(f"error: {target}: cannot write there (") and "choose a writable --output" in line
+    assert not target.exists()
+
+
+def test_output_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("keep me")
+    proc, _ = train(tmp_path, *QUICK, output=path)
+    assert error_lines(proc) == [f"error: {path}: is a file — pass a folder to --output"]
+    assert path.read_text() == "keep me"
+
+
+def test_config_problems_are_listed_together(tmp_path):
+    proc, out = train(tmp_path, *QUICK, "lora.rr=8", "train.max_steps=abc")
+    assert error_lines(proc) == ["error: lora.rr: unknown key — did you mean lora.r?",
+                                 "error: train.max_steps: got 'abc'; expected an integer"]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- models and tokenizers (load Unsloth)
+
+
+def test_unknown_model_id_offline_says_it_cannot_be_reached_and_how_to_use_a_local_copy(tmp_path):
+    proc, out = train(tmp_path, *QUICK, "--model", "nobody-xyz/does-not-exist-7b")
+    [line] = error_lines(proc)
+    assert line.startswith("error: nobody-xyz/does-not-exist-7b: cannot load this model from the Hugging Face Hub")
+    assert "couldn't connect" in line or "offline" in line.lower()
+    assert "hf download nobody-xyz/does-not-exist-7b --local-dir DIR" in line and "pass --model DIR" in line
+    assert not out.exists()
+
+
+def test_missing_local_model_folder(tmp_path):
+    proc, out = train(tmp_path, *QUICK, "--model", str(tmp_path / "models") + "/")
+    [line] = error_lines(proc)
+    assert "no such folder — check the path" in line
+    assert not out.exists()
+
+
+def test_tokenizer_without_a_chat_template(tmp_path):
+    """A word-level tokenizer with neither Harmony's special tokens nor a chat template cannot render
+    conversations: the run stops after loading, before training, and leaves nothing."""
+    from lowvram_ft.embedded import embedded_model_dir
+
+    folder = tmp_path / "plain-tokenizer"
+    folder.mkdir()
+    shutil.copy(embedded_model_dir() / "config.json", folder / "config.json")
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1}, "unk_token": "[UNK]"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "unk_token": "[UNK]", "eos_token": "[UNK]"}))
+    proc, out = train(tmp_path, *QUICK, "--tokenizer", str(folder))
+    [line] = error_lines(proc)
+    assert "the tokenizer has no chat template, so conversations cannot be rendered" in line
+    assert not out.exists()

@@ -1,0 +1,283 @@
+"""Export: what each format writes and how it reloads outside lowvram_ft, the model card, and the error
+lines that come before any work (format on CPU, llama.cpp, Hub push).
+
+The end-to-end part trains the embedded default for a few steps, exports it as lora and merged-16bit
+(each in its own process, through Unsloth's savers) and reloads both in a process that never imports
+Unsloth, comparing logits with the model as lowvram_ft loads it (base + adapter, another process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lowvram_ft import export
+from lowvram_ft.config import load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+PROBE = ("<|start|>user<|message|>Quelle est la capitale de la France ? Explique.<|end|>"
+         "<|start|>assistant<|channel|>analysis<|message|>")
+# The adapter is the same fp32 tensors in both processes and PEFT applies it the same way: measured
+# difference 0.0 (bitwise). 1e-6 leaves room only for thread-order rounding in fp32 matmuls.
+PEFT_ATOL = 1e-6
+# merged-16bit rounds every merged weight to 16 bits (relative error <= eps/2: fp16 eps 2^-10 on a CPU
+# without bf16, bf16 eps 2^-7 otherwise) and the reload computes in that dtype. Measured with fp16 on this
+# run: 1.1e-3 on logits up to ~1.5 in magnitude. Allowed: 4 eps x the largest |logit| (fp16: ~5.7e-3),
+# which still fails on a missing adapter: the base model's logits are ~1.5 away from the tuned ones.
+MERGED_EPS_FACTOR = 4
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    proc = cli("train", "--config", "configs/embedded.yaml", "--output", str(run_dir), "train.max_steps=4",
+               "train.warmup_steps=0", "train.batch_size=2", "eval.enabled=false")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+    folders = {}
+    for fmt in ("lora", "merged-16bit"):
+        proc = cli("export", "--run", str(run), "--format", fmt)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        folders[fmt] = run / "export" / fmt
+        assert f"export: {fmt} written to" in proc.stderr
+    return folders
+
+
+@pytest.fixture(scope="module")
+def logits(run, exported, tmp_path_factory):
+    """Logits of PROBE: lowvram_ft's own load (Unsloth + our adapter attach) in one process; the
+    exported lora with plain PEFT, the merged model with plain transformers and the bare base in
+    another that never imports Unsloth."""
+    import torch
+
+    out = tmp_path_factory.mktemp("logits")
+    ours = f"""
+        import sys, torch
+        from pathlib import Path
+        from lowvram_ft.model import import_unsloth, detect_device, load_model
+        from lowvram_ft.evaluate import run_config, attach_adapter
+        import_unsloth()
+        cfg = run_config(Path({str(run)!r}), [])
+        model, tok = load_model(cfg, detect_device())
+        model = attach_adapter(model, {str(run / 'adapter')!r}).eval()
+        ids = tok({PROBE!r}, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            torch.save({{"ids": ids, "logits": model(input_ids=ids).logits.float()}}, {str(out / 'ours.pt')!r})
+    """
+    plain = f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        from peft import PeftModel
+        ids = torch.load({str(out / 'ours.pt')!r})["ids"]
+        lora, merged = {str(exported['lora'])!r}, {str(exported['merged-16bit'])!r}
+        base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
+        result = {{}}
+        with torch.no_grad():
+            model = AutoModelForCausalLM.from_pretrained(base).eval()
+            result["base"] = model(input_ids=ids).logits.float()
+            result["peft"] = PeftModel.from_pretrained(model, lora).eval()(input_ids=ids).logits.float()
+            model = AutoModelForCausalLM.from_pretrained(merged).eval()
+            result["merged"] = model(input_ids=ids).logits.float()
+            result["merged_dtype"] = str(model.dtype)
+        assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules, "Unsloth was imported"
+        torch.save(result, {str(out / 'plain.pt')!r})
+    """
+    for script in (ours, plain):
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {**torch.load(out / "ours.pt"), **torch.load(out / "plain.pt")}
+
+
+# --------------------------------------------------------------------------- reloading outside lowvram_ft
+
+
+def test_lora_export_reloads_with_plain_peft_and_reproduces_our_logits(logits):
+    import torch
+
+    ours, peft = logits["logits"], logits["peft"]
+    assert ours.shape == peft.shape
+    assert torch.allclose(peft, ours, rtol=0, atol=PEFT_ATOL), f"max diff {(peft - ours).abs().max():.3g}"
+    # The comparison can fail: without the adapter the logits are far away.
+    assert (logits["base"] - ours).abs().max() > 0.1
+
+
+def test_merged_16bit_export_reloads_with_plain_transformers_within_16_bit_rounding(logits):
+    import torch
+
+    ours, merged = logits["logits"], logits["merged"]
+    assert logits["merged_dtype"] in ("torch.float16", "torch.bfloat16")
+    eps = torch.finfo(getattr(torch, logits["merged_dtype"].removeprefix("torch."))).eps
+    atol = MERGED_EPS_FACTOR * eps * ours.abs().max().item()
+    diff = (merged - ours).abs().max().item()
+    assert diff <= atol, f"max diff {diff:.3g} > {atol:.3g}"
+    assert (logits["base"] - ours).abs().max().item() > 10 * atol
+
+
+def test_exports_hold_what_each_format_promises(exported):
+    lora, merged = exported["lora"], exported["merged-16bit"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
+            "lowvram_ft_config.yaml"} <= {p.name for p in lora.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in merged.iterdir()}
+    assert not list(lora.parent.glob(".*partial*")), "staging folder left behind"
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def test_model_card_of_a_run_names_base_data_licence_summary_config_and_reproduction(run, exported):
+    card = (exported["lora"] / "README.md").read_text(encoding="utf-8")
+    summary = json.loads((run / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: peft\n")
+    assert "embedded tiny gpt-oss-shaped model" in card
+    assert "| the lowvram_ft sample set (written for this project) | Apache-2.0 |" in card
+    assert f"| steps | {summary['steps']} |" in card
+    assert f"| trained tokens (non-padding) | {summary['trained_tokens']:,} |" in card
+    assert f"| peak RSS | {summary['peak_memory_gib']} GiB |" in card
+    assert "| device | no CUDA GPU found" in card
+    assert "```yaml\n" + (run / "config.yaml").read_text().rstrip() + "\n```" in card
+    assert "python -m lowvram_ft train --config lowvram_ft_config.yaml --output runs/reproduced" in card
+    assert "python -m lowvram_ft export --run runs/reproduced --format lora" in card
+    assert "Reasoning language" not in card  # this run had no evaluation
+    assert (exported["lora"] / "lowvram_ft_config.yaml").read_text() == (run / "config.yaml").read_text()
+
+
+def test_model_card_includes_the_evaluation_and_known_licences():
+    cfg = load_config(None, ["model.name=unsloth/gpt-oss-20b",
+                             "data.dataset=[HuggingFaceH4/Multilingual-Thinking, someone/else, my_rows.jsonl]"])
+    summary = {"steps": 60, "trained_tokens": 123456, "final_loss": 1.23456, "wall_time_s": 600.5,
+               "peak_memory_gib": 13.2, "peak_memory_kind": "peak_reserved_vram",
+               "device": {"reason": "cuda:0 NVIDIA L4; GPU supports bf16"}}
+    eval_md = "# Reasoning-language evaluation\n\nsettings\n\n## Before vs after\n\n| group | think before |\n"
+    card = export.model_card(cfg, summary, eval_md, "merged-16bit", Path("runs/x"))
+    assert card.startswith("---\nbase_model: unsloth/gpt-oss-20b\nlibrary_name: transformers\ndatasets:\n"
+                           "- HuggingFaceH4/Multilingual-Thinking\n- someone/else\ntags:\n")
+    assert "| HuggingFaceH4/Multilingual-Thinking | Apache-2.0 |" in card
+    assert "| someone/else | unknown — check the data set's Hub page |" in card
+    assert "| my_rows.jsonl (local file) | unknown |" in card
+    assert "| trained tokens (non-padding) | 123,456 |" in card
+    assert "| peak reserved VRAM | 13.2 GiB |" in card
+    assert "| device | cuda:0 NVIDIA L4; GPU supports bf16 |" in card
+    assert "## Reasoning language, before vs after\n\nsettings\n\n### Before vs after\n\n| group | think before |" in card
+    assert "# Reasoning-language evaluation" not in card
+    assert "```yaml\n" + to_yaml(cfg).rstrip() + "\n```" in card
+
+
+# --------------------------------------------------------------------------- errors before any work
+
+
+def test_formats_the_cpu_backend_cannot_write_are_refused_on_cpu():
+    assert export.format_problem("lora", "cpu") is None
+    assert export.format_problem("merged-16bit", "cpu") is None
+    assert export.format_problem("merged-4bit", "cuda") is None
+    for fmt in ("merged-4bit", "mxfp4"):
+        line = export.format_problem(fmt, "cpu")
+        assert line.startswith(f"--format {fmt} needs a CUDA GPU: Unsloth's CPU backend writes only lora and merged-16bit")
+
+
+def test_unsupported_format_on_cpu_is_one_line_exit_2_and_nothing_written(run):
+    proc = cli("export", "--run", str(run), "--format", "mxfp4", "--out", str(run / "mx"))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {export.format_problem('mxfp4', 'cpu')}"]
+    assert not (run / "mx").exists()
+
+
+def test_gguf_without_llama_cpp_says_how_to_get_it_before_any_work(run, tmp_path):
+    env = {**ENV, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env.pop("LLAMA_CPP_DIR", None)
+    env.pop("UNSLOTH_LLAMA_CPP_PATH", None)
+    proc = cli("export", "--run", str(run), "--format", "gguf", "--out", str(tmp_path / "g"), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {export.LLAMA_CPP_MISSING}"]
+    assert "git clone https://github.com/ggml-org/llama.cpp" in proc.stderr and "LLAMA_CPP_DIR" in proc.stderr
+    assert "Unsloth" not in proc.stdout + proc.stderr  # refused before Unsloth was even imported
+    assert not (tmp_path / "g").exists()
+
+
+def test_llama_cpp_is_found_where_users_put_it(tmp_path):
+    folder = tmp_path / "llama.cpp"
+    folder.mkdir()
+    (folder / "convert_hf_to_gguf.py").write_text("")
+    quantizer = folder / "llama-quantize"
+    quantizer.write_text("#!/bin/sh\n")
+    nowhere = {"home": tmp_path / "home", "cwd": tmp_path / "cwd", "which": lambda name: None}
+    assert export.find_llama_cpp({}, **nowhere) is None
+    assert export.find_llama_cpp({"LLAMA_CPP_DIR": str(folder)}, **nowhere) is None  # llama-quantize not executable
+    quantizer.chmod(0o755)
+    assert export.find_llama_cpp({"LLAMA_CPP_DIR": str(folder)}, **nowhere) == folder
+    assert export.find_llama_cpp({}, home=tmp_path / "home", cwd=tmp_path, which=lambda name: None) == folder
+    assert export.find_llama_cpp({}, **{**nowhere, "which": lambda name: str(quantizer)}) == folder
+
+
+def test_push_is_refused_before_any_work_without_token_network_or_valid_id():
+    online = {"HF_TOKEN": "hf_x"}
+    assert export.check_push("me/model", online, reachable=lambda url: True) == "hf_x"
+    cases = {
+        ("model", "hf_x", ""): "--push model: expected a Hub repository id like user/name",
+        ("me/model", "", ""): "--push me/model: no Hugging Face token — set HF_TOKEN",
+        ("me/model", "hf_x", "1"): "--push me/model: HF_HUB_OFFLINE is set",
+    }
+    for (repo, token, offline), start in cases.items():
+        with pytest.raises(export.ExportError) as error:
+            export.check_push(repo, {"HF_TOKEN": token, "HF_HUB_OFFLINE": offline}, reachable=lambda url: True)
+        assert str(error.value).startswith(start)
+    with pytest.raises(export.ExportError, match="cannot reach https://huggingface.co"):
+        export.check_push("me/model", online, reachable=lambda url: False)
+
+
+def test_push_without_token_is_one_line_exit_2_and_nothing_written(run, tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    proc = cli("export", "--run", str(run), "--format", "lora", "--push", "me/model", "--out", str(tmp_path / "p"),
+               env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --push me/model: no Hugging Face token — set HF_TOKEN (a write token from "
+        "https://huggingface.co/settings/tokens); nothing was exported or uploaded"]
+    assert not (tmp_path / "p").exists()
+    proc = cli("export", "--run", str(run), "--format", "lora", "--push", "me/model", "--out", str(tmp_path / "p"),
+               env={**env, "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_existing_export_is_not_replaced_without_overwrite(run, exported):
+    proc = cli("export", "--run", str(run), "--format", "lora")
+    assert proc.returncode == 2
+    assert f"{exported['lora']}: already holds an export — pass --overwrite" in proc.stderr
+
+
+# --------------------------------------------------------------------------- memory and disk
+
+
+def test_needs_are_parameters_times_bytes_and_shortfalls_name_the_amounts():
+    gib = 2**30
+    n = 20 * 10**9
+    assert export.export_needs("merged-16bit", n, "cuda", 0.55, 0) == export.Needs(disk=2 * n, ram=1e10, vram=0.55 * n)
+    assert export.export_needs("merged-16bit", n, "cpu", 2, 0) == export.Needs(disk=2 * n, ram=6 * n, vram=0)
+    assert export.export_needs("gguf", n, "cpu", 4, 0).disk == pytest.approx(5.07 * n)
+    assert export.export_needs("lora", n, "cuda", 0.55, 100) == export.Needs(disk=200, ram=0, vram=0)
+    needs = export.Needs(disk=40 * gib, ram=8 * gib, vram=12 * gib)
+    free = export.Needs(disk=10 * gib, ram=64 * gib, vram=10 * gib)
+    assert export.resource_problems("merged-16bit", needs, free, Path("/data")) == [
+        "--format merged-16bit needs about 40.00 GiB free disk, 10.00 GiB free — free space in /data or "
+        "pass --out on a larger disk",
+        "--format merged-16bit needs about 12.00 GiB free VRAM, 10.00 GiB free — free the GPU (other processes "
+        "hold it) or use a larger GPU",
+    ]
+    assert export.resource_problems("lora", export.Needs(1, 0, 0), free, Path("/data")) == []

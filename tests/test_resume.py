@@ -1,0 +1,316 @@
+"""Runs that survive: atomic checkpoints, resume after SIGKILL (bit-identical on CPU), Ctrl-C / SIGTERM,
+out-of-memory advice, refused resumes, disk space.
+
+The end-to-end tests train the embedded model for 12 steps (batch 4 of 32 rows, so the run crosses an
+epoch boundary at step 8) and kill it with real SIGKILLs at chosen points through the LOWVRAM_FT_FAULT
+testing hook (checkpoint.fault), then compare with one uninterrupted run of the same seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lowvram_ft import checkpoint
+from lowvram_ft.config import load_config, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# One CPU thread per run: on a shared 2-core machine two-thread torch spins against other jobs and a
+# 2 s training takes 40 s; with one thread the runs take the same time whatever else is running.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SHORT = ["--config", "configs/embedded.yaml", "train.max_steps=12", "train.save_steps=4", "train.logging_steps=1",
+         "train.batch_size=4", "data.max_rows=32", "model.max_seq_length=256", "eval.enabled=false"]
+
+
+def train(run_dir: Path, *args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**ENV, checkpoint.FAULT_ENV: fault} if fault else ENV
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--output", str(run_dir), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start(run_dir: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lowvram_ft", "train", "--output", str(run_dir), *args],
+                            cwd=ROOT, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def squeeze(text: str) -> str:
+    """The log without whitespace: the console wraps long lines (run folder paths) anywhere."""
+    return re.sub(r"\s+", "", text)
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    return [c.step for c in checkpoint.list_checkpoints(run_dir)[0]]
+
+
+def adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = train(run_dir, *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    # 1. SIGKILL at the end of step 6, between checkpoints 4 and 8.
+    proc = train(run_dir, *SHORT, fault="kill@step=6")
+    assert proc.returncode == -signal.SIGKILL
+    assert steps_of(run_dir) == [4]
+
+    # 2. Resumed from 4, SIGKILL while checkpoint 8 is half written: 4 stays the newest complete one.
+    proc = train(run_dir, "--resume", fault="kill@checkpoint=8")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    partial = run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-8"
+    assert (partial / "adapter_model.safetensors").is_file() and not (partial / "optimizer.pt").exists()
+    assert steps_of(run_dir) == [4]
+
+    # 3. Resumed from 4 again (the half-written 8 ignored), SIGKILL at the end of step 11 (after 8, past the epoch).
+    proc = train(run_dir, "--resume", fault="kill@step=11")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "continuingfrom" in squeeze(proc.stdout) and "checkpoint-4(step4)" in squeeze(proc.stdout)
+    assert steps_of(run_dir) == [4, 8]
+    assert not (run_dir / "checkpoints" / checkpoint.STAGING).exists()
+
+    # 4. Resumed from 8 to the end.
+    proc = train(run_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint-8(step8)" in squeeze(proc.stdout)
+    assert steps_of(run_dir) == [8, 12]  # train.keep_checkpoints=2, and the end is always checkpointed
+
+    import torch
+
+    want, got = adapter(reference), adapter(run_dir)
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        assert torch.allclose(want[name], got[name], rtol=0, atol=1e-7), name
+    want_log, got_log = metrics(reference), metrics(run_dir)
+    assert [r["step"] for r in got_log] == list(range(1, 13)), "every step logged exactly once"
+    assert [r["loss"] for r in got_log] == pytest.approx([r["loss"] for r in want_log], rel=1e-6, abs=0)
+    assert [r["tokens"] for r in got_log] == [r["tokens"] for r in want_log]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["first_loss"] == pytest.approx(want_log[0]["loss"], rel=1e-6)
+    assert summary["trained_tokens"] == want_log[-1]["tokens"]
+
+
+def test_sigint_and_sigterm_finish_the_step_checkpoint_and_say_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    long = [a if a != "train.max_steps=12" else "train.max_steps=500" for a in SHORT]
+    for signum, code, resume in ((signal.SIGINT, 130, []), (signal.SIGTERM, 143, ["--resume"])):
+        proc = start(run_dir, *(resume or long), stdout=subprocess.DEVNULL)  # unread: a full pipe would block it
+        before = max([r["step"] for r in metrics(run_dir)], default=0)
+        wait_for_step(proc, run_dir, before + 2)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err[-3000:]
+        latest = checkpoint.latest_checkpoint(run_dir)
+        assert latest is not None and latest.step >= before + 2
+        assert f"interrupted ({signum.name}) at step {latest.step}" in err
+        assert f"resume with: python -m lowvram_ft train --output {run_dir} --resume" in err
+        assert "Traceback" not in err
+        assert [r["step"] for r in metrics(run_dir)] == list(range(1, latest.step + 1))
+        assert not (run_dir / "summary.json").exists()
+
+
+def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *SHORT)
+    for line in proc.stdout:  # the run folder exists from here on; the model is still loading
+        if line.startswith("[lowvram_ft] config:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "interrupted (SIGTERM) before the first checkpoint: nothing saved" in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_out_of_memory_in_training_gives_advice_exit_3_and_a_resumable_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, *SHORT, fault="oom@step=6")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert lines[0].startswith("error: out of memory in training step 6 (CUDA out of memory.")
+    text = "\n".join(lines)
+    assert "peak RSS (host RAM) reached" in text and "GiB of" in text
+    assert "the planner predicts a peak of" in text and "train.batch_size=2 train.gradient_accumulation_steps=2" in text
+    assert f"checkpoint {run_dir / 'checkpoints' / 'checkpoint-4'} (step 4) is intact" in text
+    command = next(line for line in lines if "continue from it with:" in line).split("with: ", 1)[1]
+    assert command == f"python -m lowvram_ft train --output {run_dir} --resume train.batch_size=2 train.gradient_accumulation_steps=2"
+    assert "Traceback" not in proc.stderr and steps_of(run_dir) == [4]
+
+    # The advised resume (smaller micro-batches, same effective batch) finishes the run on the same path.
+    proc = train(run_dir, *command.split()[6:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = metrics(reference), metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- refusals (no model is loaded)
+
+
+def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
+    """A run folder as training leaves it, with checkpoints that pass the completeness check."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(ROOT / "configs/embedded.yaml", ["train.max_steps=12", "eval.enabled=false", *overrides])
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    for step in steps:
+        folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in (*checkpoint.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
+            (folder / name).write_text("x")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if finished:
+        (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_resume_refuses_a_config_that_changes_the_run_and_lists_the_keys(tmp_path):
+    run_dir = fake_run(tmp_path)
+    proc = cli("train", "--output", str(run_dir), "--resume", "lora.r=8", "train.learning_rate=1e-3", "eval.greedy=false")
+    assert proc.returncode == 2
+    assert "cannot resume with a config that changes what is trained (2 keys differ" in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[1] == "error:   lora.r: 16 -> 8"
+    assert lines[2].startswith("error:   train.learning_rate: ") and lines[2].endswith(" -> 0.001")
+    assert "eval.greedy" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    cases = {
+        "missing": (tmp_path / "nowhere", "no such run folder — nothing to resume"),
+        "finished": (fake_run(tmp_path / "f", finished=True), "this run has finished (summary.json) — nothing to resume"),
+        "no checkpoint": (fake_run(tmp_path / "n", steps=()), "no complete checkpoint to resume from"),
+    }
+    broken = fake_run(tmp_path / "b", steps=(4,))
+    (broken / "checkpoints" / "checkpoint-4" / "optimizer.pt").unlink()
+    cases["broken checkpoint"] = (broken, "no complete checkpoint to resume from")
+    for name, (run_dir, message) in cases.items():
+        proc = cli("train", "--output", str(run_dir), "--resume")
+        assert proc.returncode == 2, name
+        assert proc.stderr.startswith(f"error: {run_dir}: {message}"), (name, proc.stderr)
+    assert cli("train", "--resume").stderr.startswith("error: --resume: name the run to continue with --output RUN")
+
+
+def test_an_interrupted_run_folder_suggests_resume_and_a_finished_one_needs_overwrite(tmp_path):
+    unfinished = fake_run(tmp_path / "u", steps=(4, 8))
+    proc = cli("train", "--config", "configs/embedded.yaml", "--output", str(unfinished))
+    assert proc.returncode == 2
+    assert "holds an unfinished run (last checkpoint: step 8) — continue it with --resume" in proc.stderr
+    finished = fake_run(tmp_path / "f", finished=True)
+    proc = cli("train", "--config", "configs/embedded.yaml", "--output", str(finished))
+    assert proc.returncode == 2 and "holds a finished run — pass --overwrite" in proc.stderr
+    assert (finished / "summary.json").is_file() and steps_of(finished) == [4], "nothing was touched"
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_run_changes_allow_only_what_cannot_change_the_weights():
+    saved = to_dict(load_config(ROOT / "configs/embedded.yaml"))
+    same = ["eval.greedy=false", "output.overwrite=true", "output.dir=elsewhere", "train.logging_steps=5",
+            "train.save_steps=50", "train.keep_checkpoints=5", "data.num_proc=2", "model.gradient_checkpointing=true",
+            "train.batch_size=2", "train.gradient_accumulation_steps=4"]  # 8 x 1 -> 2 x 4: same effective batch
+    assert checkpoint.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml", same))) == []
+    changed = checkpoint.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml",
+                                                                ["train.batch_size=4", "train.max_steps=10", "lora.r=8"])))
+    assert [line.split(":")[0] for line in changed] == ["lora.r", "train.batch_size", "train.max_steps"]
+
+
+def test_incomplete_and_staging_checkpoints_are_ignored(tmp_path):
+    run_dir = fake_run(tmp_path, steps=(4, 8, 12))
+    (run_dir / "checkpoints" / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 1')  # cut short
+    (run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 7}')  # not step 8
+    (run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-16").mkdir(parents=True)
+    complete, broken = checkpoint.list_checkpoints(run_dir)
+    assert [c.step for c in complete] == [4]
+    assert sorted(p.name for p in broken) == ["checkpoint-12", "checkpoint-8"]
+    assert checkpoint.resume_point(run_dir).step == 4
+
+
+def test_rewind_metrics_drops_later_steps_and_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    kept = checkpoint.rewind_metrics(path, 4)
+    assert [r["step"] for r in kept] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_disk_space_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    with pytest.raises(checkpoint.DiskSpaceError, match=r"not enough free disk space for the adapter: needs about"):
+        checkpoint.check_free_space(tmp_path, 10**15, "the adapter")  # a petabyte
+    checkpoint.check_free_space(tmp_path, 1000, "the adapter")
+
+    import torch
+
+    model = torch.nn.Linear(100, 10)  # 1,010 trainable float32 weights
+    model.bias.requires_grad_(False)
+    assert checkpoint.adapter_bytes(model) == 4000
+    assert checkpoint.save_sizes(model, "adamw_torch") == (4000, 4000 + 2 * 4 * 1000)
+    assert checkpoint.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
+
+
+def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, *SHORT, fault="nospace")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert "not enough free disk space for 3 checkpoints and the adapter" in line and "0.00 GiB free" in line
+    assert not run_dir.exists()
+
+
+def test_out_of_memory_message_names_the_phase_and_the_planner_advice():
+    cfg = load_config(ROOT / "configs/gpt-oss-20b.yaml")
+    run = checkpoint.RunState(cfg)
+    run.phase = "load"
+    error = checkpoint.out_of_memory(run, MemoryError())
+    assert str(error).startswith("out of memory while loading the model (MemoryError)")
+    assert "the planner predicts a peak of" in str(error)
+    run.phase, run.run_dir = "eval", Path("runs/x")
+    error = checkpoint.out_of_memory(run, MemoryError())
+    assert str(error).startswith("out of memory during the evaluation (MemoryError)")
+    assert "the trained adapter is saved in runs/x/adapter: evaluate it with `python -m lowvram_ft eval --run runs/x`" in str(error)
+    assert not checkpoint.is_out_of_memory(RuntimeError("could not load"))
+    wrapped = RuntimeError("could not load")
+    wrapped.__cause__ = MemoryError()
+    assert checkpoint.is_out_of_memory(wrapped)
