@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m lowvram_ft train --output runs/demo --overwrite
+	$(BIN)/python -m lowvram_ft train --config configs/embedded.yaml --output runs/demo --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -q
