@@ -27,8 +27,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# The demo's adapter when `make demo` has run (base vs tuned), else the embedded base model alone.
 smoke: venv
-	$(BIN)/python -m lowvram_ft smoke
+	@if [ -f runs/demo/adapter/adapter_config.json ]; then $(BIN)/python -m lowvram_ft smoke --run runs/demo; \
+	else $(BIN)/python -m lowvram_ft smoke; fi
 
 bench: venv
 	$(BIN)/python -m lowvram_ft bench
