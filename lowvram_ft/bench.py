@@ -603,9 +603,9 @@ def bench_chart(records: list[dict], env: dict, path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .pipeline import write_text_atomic as write  # one atomic writer for the package (light import)
+
+    write(path, text)
 
 
 def write_results(records: list[dict], env: dict, out_dir: Path, stem: str) -> Path:
