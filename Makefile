@@ -7,7 +7,7 @@ PIPQ    := --disable-pip-version-check -q
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test smoke bench lock clean
+.PHONY: venv demo test smoke bench lock clean gpu-kit
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ smoke: venv
 
 bench: venv
 	$(BIN)/python -m lowvram_ft bench
+
+# .gpu-kit/site: what the project needs beyond a PyTorch GPU image, for an offline GPU node
+# (README, GPU kit). Needs the package index. Another image: make gpu-kit GPU_KIT_ARGS="--python 3.11 --cuda 12".
+gpu-kit: venv
+	$(BIN)/python scripts/gpu_kit.py --out .gpu-kit $(GPU_KIT_ARGS)
 
 # Re-resolve requirements.in in a scratch venv, add unsloth/unsloth_zoo without deps, freeze.
 lock:

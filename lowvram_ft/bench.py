@@ -183,12 +183,10 @@ def read_matrix(path: str | Path) -> Matrix:
     """A case matrix from YAML: `device`, `defaults` (Case fields), `cases` (each value may be a list:
     the cartesian product is taken; `stacks` defaults to both), optional `budgets`. Every problem is
     reported at once."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise BenchError(f"{path}: no such case matrix — pass a file from benchmarks/cases/ with --config")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    data = read_matrix_yaml(p)
     problems: list[str] = []
     unknown = set(data) - {"device", "defaults", "cases", "budgets"}
     if unknown:
@@ -197,12 +195,17 @@ def read_matrix(path: str | Path) -> Matrix:
     if device not in ("cpu", "cuda"):
         problems.append(f"{p}: device: got {device!r}; expected cpu or cuda")
     defaults = data.get("defaults") or {}
-    check_keys(defaults, CASE_KEYS, f"{p}: defaults", problems)
+    if not check_keys(defaults, CASE_KEYS, f"{p}: defaults", problems):
+        defaults = {}
+    entries = data.get("cases") or []
+    if not isinstance(entries, list):
+        problems.append(f"{p}: cases: must be a list of mappings (one per case)")
+        entries = []
     cases = []
-    for i, entry in enumerate(data.get("cases") or [], start=1):
+    for i, entry in enumerate(entries, start=1):
         where = f"{p}: cases[{i}]"
-        check_keys(entry, CASE_KEYS | {"stacks"}, where, problems)
-        cases += expand_entry({**defaults, **entry}, where, problems)
+        if check_keys(entry, CASE_KEYS | {"stacks"}, where, problems):
+            cases += expand_entry({**defaults, **entry}, where, problems)
     budgets = read_budgets(data.get("budgets"), defaults, f"{p}: budgets", problems) if data.get("budgets") else None
     if not cases and budgets is None:
         problems.append(f"{p}: no cases and no budgets — nothing to run")
@@ -211,12 +214,34 @@ def read_matrix(path: str | Path) -> Matrix:
     return Matrix(p.stem, device, tuple(cases), budgets)
 
 
-def check_keys(entry: Any, accepted: set[str], where: str, problems: list[str]) -> None:
+def read_matrix_yaml(p: Path) -> dict:
+    """The mapping at the top of a matrix file (empty for an empty file); BenchError otherwise."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise BenchError(f"{p}{where}: invalid YAML ({str(getattr(error, 'problem', None) or error).splitlines()[0]})"
+                         " — fix the file, or start from one in benchmarks/cases/") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        shown = "a list" if isinstance(data, list) else repr(data)
+        raise BenchError(f"{p}: the top level is {shown}; it must be a mapping with the keys device, defaults, "
+                         "cases, budgets — see benchmarks/cases/cpu.yaml")
+    return data
+
+
+def check_keys(entry: Any, accepted: set[str], where: str, problems: list[str]) -> bool:
+    """Adds a problem for each unknown key of `entry`, or one when it is not a mapping (then False)."""
     if not isinstance(entry, dict):
         problems.append(f"{where}: must be a mapping")
-        return
+        return False
     for key in sorted(set(entry) - accepted):
         problems.append(f"{where}: unknown key {key!r} — accepted: {', '.join(sorted(accepted))}")
+    return True
 
 
 def expand_entry(entry: dict, where: str, problems: list[str]) -> list[Case]:

@@ -245,6 +245,9 @@ def run_chat(cfg, adapter: str | None, session: Session, sampling: Sampling, sho
     from rich.console import Console
 
     console = console or Console(highlight=False)
+    if sys.stdin is None or sys.stdin.closed:  # `chat <&-`: input() could never read a line
+        print("chat: stdin is closed — nothing to read; pipe or type the messages", file=sys.stderr)
+        return 0
     model, tokenizer = load_chat_model(cfg, adapter)
     console.print(f"chatting with {cfg.model.name}" + (f" + {adapter}" if adapter else "")
                   + f" — reasoning effort {session.reasoning_effort}; {HELP}", style="dim", markup=False, soft_wrap=True)

@@ -42,7 +42,7 @@ STATE_FILE = "lowvram_ft_state.json"
 # A checkpoint is complete when it has these, one RNG file per process (rng_state_files) and one of WEIGHT_FILES.
 REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
-RESUMABLE_KEYS = ("eval.", "output.", "train.logging_steps", "train.save_steps", "train.keep_checkpoints",
+RESUMABLE_KEYS = ("eval.", "output.", "train.fit", "train.logging_steps", "train.save_steps", "train.keep_checkpoints",
                   "data.num_proc", "data.cache_dir", "model.gradient_checkpointing", "model.offload_embedding")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SAVE_MARGIN = 1.1  # free space wanted over the expected size of a save, plus SAVE_SLACK_BYTES
@@ -76,6 +76,7 @@ class Interrupted(KeyboardInterrupt):
 class Checkpoint:
     path: Path
     step: int
+    skipped: tuple[str, ...] = ()  # newer checkpoints passed over as damaged, with why (resume_point)
 
 
 # --------------------------------------------------------------------------- finding checkpoints
@@ -99,8 +100,11 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Checkpoint], list[Path]]:
 
 
 def is_complete(path: Path, step: int) -> bool:
-    """Every file a resume needs is there and trainer_state.json is readable and names this step."""
+    """Every file a resume needs is there, has the size recorded when it was written (checkpoints
+    written before sizes were recorded: is there) and trainer_state.json names this step."""
     if not all((path / name).is_file() for name in REQUIRED_FILES + rng_state_files(path)):
+        return False
+    if size_problem(path) is not None:
         return False
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return False
@@ -118,6 +122,51 @@ def rng_state_files(path: Path) -> tuple[str, ...]:
     if not isinstance(processes, int) or processes <= 1:
         return ("rng_state.pth",)
     return tuple(f"rng_state_{rank}.pth" for rank in range(processes))
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file in a checkpoint but our state file."""
+    import hashlib
+
+    manifest = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        manifest[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return manifest
+
+
+def recorded_files(path: Path) -> dict[str, dict]:
+    """The file manifest saved with a checkpoint ({} for one written before manifests, or unreadable)."""
+    files = saved_state(path).get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items() if isinstance(entry, dict)}
+
+
+def size_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files by their recorded sizes (cheap), or None."""
+    for name, entry in recorded_files(path).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry.get("bytes"):
+            return f"{name} has {file.stat().st_size:,} bytes, {entry.get('bytes')} were written"
+    return None
+
+
+def checksum_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files by their recorded sha256 (reads every byte), or None."""
+    recorded = recorded_files(path)
+    if not recorded:
+        return None
+    now = file_manifest(path)
+    for name, entry in recorded.items():
+        if now.get(name, {}).get("sha256") != entry.get("sha256"):
+            return f"{name} does not match its checksum"
+    return size_problem(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -176,10 +225,15 @@ def resume_point(run_dir: Path) -> Checkpoint:
     if (Path(run_dir) / "summary.json").is_file():
         raise ResumeError(f"{run_dir}: this run has finished (summary.json) — nothing to resume; "
                           "pass --overwrite to train it again")
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        raise ResumeError(f"{run_dir}: no complete checkpoint to resume from — start the run again with --overwrite")
-    return latest
+    complete, broken = list_checkpoints(run_dir)
+    skipped = [f"{path.name} ({size_problem(path) or 'incomplete'})" for path in broken]
+    for candidate in reversed(complete):  # newest first: the first intact one wins
+        problem = checksum_problem(candidate.path)
+        if problem is None:
+            return Checkpoint(candidate.path, candidate.step, tuple(skipped))
+        skipped.append(f"{candidate.path.name} ({problem})")
+    damaged = f" (damaged: {'; '.join(skipped)})" if skipped else ""
+    raise ResumeError(f"{run_dir}: no intact checkpoint to resume from{damaged} — start the run again with --overwrite")
 
 
 def rewind_metrics(path: Path, step: int) -> list[dict]:
@@ -230,6 +284,7 @@ class RunState:
         self.run_dir: Path | None = None
         self.fresh = True  # a new run (not --resume): removed again if it fails before its first checkpoint
         self.stop_signal: int | None = None
+        self.replacement = None  # folders.Replacement of a new run: the earlier run it replaces, kept until keep()
         self._previous: dict = {}
 
     def begin(self, run_dir: Path, fresh: bool) -> Path:
@@ -279,12 +334,20 @@ class RunState:
 
     # -- failure: out-of-memory advice and no half-made folder
 
+    def keep(self) -> None:
+        """The new run stands (its first checkpoint, or its end): an earlier run it replaces goes."""
+        if self.replacement is not None:
+            self.replacement.commit()
+
     def clean_up(self) -> None:
-        """A new run that failed before writing a checkpoint leaves nothing behind."""
-        if self.run_dir is None or not self.fresh or not self.run_dir.is_dir():
+        """A new run that failed before writing a checkpoint leaves nothing behind, and an earlier run it
+        was to replace (--overwrite) is put back."""
+        if self.run_dir is None or not self.fresh or self.replacement is None:
             return
         if latest_checkpoint(self.run_dir) is None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.replacement.abort()
+        else:
+            self.replacement.commit()
 
 
 def make_run_callback(run: RunState):
@@ -301,6 +364,9 @@ def make_run_callback(run: RunState):
 
         def on_step_begin(self, args, state, control, **kwargs):
             fault("step", state.global_step + 1, "begin")
+
+        def on_save(self, args, state, control, **kwargs):
+            run.keep()  # a checkpoint of the new run exists: the run it replaces is no longer needed
 
         def on_step_end(self, args, state, control, **kwargs):
             run.step = state.global_step
@@ -350,7 +416,7 @@ def atomic_checkpoint_trainer(base: type) -> type:
             self.accelerator.wait_for_everyone()
             if main:
                 state = {"step": self.state.global_step, "trained_tokens": getattr(self, "_total_train_tokens", None),
-                         "processes": self.args.world_size}
+                         "processes": self.args.world_size, "files": file_manifest(staging / name)}
                 (staging / name / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
                 sync_tree(staging / name)
                 if (parent / name).exists():

@@ -6,9 +6,10 @@ imported when the command runs, so `--help` and `--dry-run` never load torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .config import ConfigError, describe_fields, load_config
+from .config import ConfigError, describe_fields, family_recipe, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    if getattr(args, "verbose", False):
+        os.environ["LOWVRAM_FT_VERBOSE"] = "1"  # model.quiet_known_noise: show the libraries' own output
     try:
         return int(args.run(args) or 0)
     except ConfigError as error:
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="predict peak VRAM from config.json alone and recommend what fits")
     add_run_options(plan)
     plan.add_argument("--vram", type=float, metavar="GiB", help="the card's memory in GiB (e.g. 16)")
+    plan.add_argument("--compute-capability", type=float, metavar="X.Y",
+                      help="the card's CUDA compute capability (7.5 = T4: no bf16, so float16 / float32 layouts)")
     plan.set_defaults(run=run_plan)
 
     export = sub.add_parser("export", help="write a run as lora / merged-16bit / merged-4bit / mxfp4 / gguf, with a model card")
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--gguf-quant", default="q8_0", metavar="Q", help="GGUF quantization (default q8_0; q4_k_m, bf16, ...)")
     export.add_argument("--push", metavar="USER/NAME", help="upload to this Hugging Face Hub repository (token from HF_TOKEN)")
     export.add_argument("--public", action="store_true", help="make the pushed repository public (default private)")
+    add_verbose(export)
     export.set_defaults(run=run_export)
 
     chat = sub.add_parser("chat", help="talk to a run: streaming, multi-turn; /effort, /reset, /exit")
@@ -155,6 +161,7 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off (default, gpt-oss's recommendation)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation limit per answer (default 1024)")
     p.add_argument("--seed", type=int, default=3407, help="sampling seed (chat adds the turn number)")
+    add_verbose(p)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -165,14 +172,28 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer instead of the model's own ('gpt-oss' = real o200k_harmony, offline)")
     p.add_argument("--output", metavar="DIR", help="run folder (default runs/<model>-<time>)")
     p.add_argument("overrides", nargs="*", metavar="group.key=value", help="settings overriding the config file")
+    add_verbose(p)
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the libraries' own warnings and progress bars (hidden when known to be harmless)")
 
 
 def resolve(args: argparse.Namespace):
-    """Config from defaults < --config < flags < group.key=value (the explicit overrides win)."""
+    """Config from defaults < --config (or, without one, the model family's recipe) < flags <
+    group.key=value (the explicit overrides win)."""
+    overrides = resolve_flags(args) + list(args.overrides)
     try:
-        return load_config(args.config, resolve_flags(args) + list(args.overrides))
+        cfg = load_config(args.config, overrides)
     except OSError as error:  # exists but cannot be read (permissions, I/O error)
         raise unreadable(error, args.config) from None
+    recipe = family_recipe(cfg.model.name) if args.config is None else ()
+    if not recipe:
+        return cfg
+    print(f"[lowvram_ft] config: no --config for {cfg.model.name}: the 16 GB recipe {' '.join(recipe)} "
+          "(flags and overrides still win)", file=sys.stderr)
+    return load_config(None, [*recipe, *overrides])
 
 
 def unreadable(error: OSError, path) -> ConfigError:
@@ -298,7 +319,7 @@ def run_plan(args) -> int:
     cfg = resolve(args)
     from . import plan
 
-    return plan.run(cfg, vram_gib=args.vram)
+    return plan.run(cfg, vram_gib=args.vram, compute_capability=args.compute_capability)
 
 
 def run_export(args) -> int:
@@ -328,8 +349,9 @@ def chat_setup(args):
     else:
         cfg = load_config(None, flags + ([f"model.name={quote(args.model)}"] if args.model else []))
         adapter = args.adapter
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError(["--max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1], --top-k >= 0"])
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf") or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError(["--max-new-tokens must be >= 1, --temperature a finite number >= 0 (0 = greedy), "
+                           "--top-p in (0, 1], --top-k >= 0"])
     session = chat.Session(reasoning_effort=args.reasoning_effort or cfg.data.reasoning_effort,
                            reasoning_language=args.reasoning_language)
     sampling = chat.Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -347,5 +369,7 @@ def run_chat(args) -> int:
 def run_generate(args) -> int:
     from . import chat
 
+    if not args.prompt.strip():
+        raise ConfigError(["--prompt is empty — pass the user message, e.g. --prompt 'What is 2+2?'"])
     cfg, adapter, session, sampling = chat_setup(args)
     return chat.run_generate(cfg, adapter, args.prompt, session, sampling, as_json=args.json)

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 
 def doc(text: str, **limits: Any) -> dict:
-    """Field metadata: a one-line doc and optional numeric bounds (min / max, inclusive)."""
+    """Field metadata: a one-line doc and optional numeric bounds (min / max, inclusive); `unset` =
+    (value, meaning) is a value outside the bounds that is also accepted, e.g. (-1, "run the epochs")."""
     return {"doc": text, **limits}
 
 
@@ -110,7 +111,8 @@ class TrainConfig:
         default="linear", metadata=doc("Learning-rate schedule after warm-up."))
     warmup_steps: int = field(default=5, metadata=doc("Linear warm-up steps.", min=0))
     epochs: float = field(default=1.0, metadata=doc("Passes over the data (ignored when max_steps > 0).", min=0.0))
-    max_steps: int = field(default=-1, metadata=doc("Stop after this many optimizer steps; -1 = run the epochs.", min=-1))
+    max_steps: int = field(default=-1, metadata=doc(
+        "Stop after this many optimizer steps; -1 = run the epochs.", min=1, unset=(-1, "run the epochs")))
     batch_size: int = field(default=1, metadata=doc(
         "Rows per device step: activation memory grows linearly; raise gradient_accumulation instead to save memory.", min=1))
     gradient_accumulation_steps: int = field(default=4, metadata=doc(
@@ -125,6 +127,10 @@ class TrainConfig:
     logging_steps: int = field(default=1, metadata=doc("Log loss, lr, tokens/s and peak memory every N steps.", min=1))
     save_steps: int = field(default=0, metadata=doc("Checkpoint every N steps; 0 = only at the end.", min=0))
     keep_checkpoints: int = field(default=2, metadata=doc("How many recent checkpoints to keep.", min=1))
+    fit: Literal["auto", "warn", "off"] = field(default="auto", metadata=doc(
+        "On a GPU the estimate says is too small: auto = apply the changes that keep the trained model the same "
+        "(embedding offload, checkpointing, smaller micro-batches at the same effective batch) and say each; "
+        "warn = only warn; off = no check. An unmeasured estimate never stops a run."))
 
 
 @dataclass(frozen=True)
@@ -172,8 +178,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """Defaults, then the YAML file (if any), then `group.key=value` overrides; validated as a whole."""
     problems: list[str] = []
     tree: dict[str, dict[str, Any]] = {}
+    file_read = True
     if path is not None:
-        merge_into(tree, read_yaml(path), f"{path}", problems)
+        try:
+            merge_into(tree, read_yaml(path, problems), f"{path}", problems)
+        except ConfigError as error:  # the file is unusable: still report the overrides' problems with it
+            problems += error.problems
+            file_read = False
     if isinstance(overrides, dict):
         merge_into(tree, overrides, "override", problems)
     else:
@@ -181,14 +192,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             key, value = parse_override(item, problems)
             if key is not None:
                 merge_into(tree, nest(key, value), "command line", problems)
-    config = build(tree, problems)
+    config = build(tree, problems, cross_check_keys=file_read)
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def read_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML file, or ConfigError naming the file and the problem."""
+def read_yaml(path: str | Path, problems: list[str]) -> dict:
+    """The mapping in a YAML file, or ConfigError naming the file and the problem. A key given twice in
+    one mapping (YAML would keep the last one silently) is added to `problems`."""
     import yaml
 
     p = Path(path)
@@ -196,7 +208,9 @@ def read_yaml(path: str | Path) -> dict:
         what = "is a directory" if p.is_dir() else "does not exist"
         raise ConfigError([f"{path}: config file {what} — pass an existing YAML file with --config"])
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        node = yaml.compose(p.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        repeated = duplicate_keys(node, str(path))  # before constructing: that flattens merge keys in place
+        data = yaml.SafeLoader("").construct_document(node) if node is not None else None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text — save the config as UTF-8 YAML"]) from None
     except yaml.YAMLError as error:
@@ -204,11 +218,41 @@ def read_yaml(path: str | Path) -> dict:
         where = f":{mark.line + 1}" if mark is not None else ""
         what = str(getattr(error, "problem", None) or error).splitlines()[0]  # reader errors span lines
         raise ConfigError([f"{path}{where}: invalid YAML ({what})"]) from None
+    problems += repeated
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping of groups ({', '.join(GROUPS)})"])
     return data
+
+
+def duplicate_keys(node: Any, source: str, prefix: str = "", seen: set[int] | None = None) -> list[str]:
+    """'FILE:LINE: key: given twice' for every mapping of a composed YAML tree that repeats a key (merge
+    keys `<<` aside: overriding what they bring in is what they are for)."""
+    import yaml
+
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: already walked (and a recursive alias would never end)
+        return []
+    seen.add(id(node))
+    problems: list[str] = []
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += duplicate_keys(item, source, f"{prefix.rstrip('.')}[{index}].", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is None or key.tag == "tag:yaml.org,2002:merge":
+                problems += duplicate_keys(value, source, prefix, seen)
+                continue
+            line = key.start_mark.line + 1
+            if name in first_line:
+                problems.append(f"{source}:{line}: {prefix}{name}: given twice (first on line {first_line[name]}) "
+                                "— keep one; YAML would silently use only the last")
+            first_line.setdefault(name, line)
+            problems += duplicate_keys(value, source, f"{prefix}{name}.", seen)
+    return problems
 
 
 def parse_override(item: str, problems: list[str]) -> tuple[str | None, Any]:
@@ -246,8 +290,10 @@ def merge_into(tree: dict, data: dict, source: str, problems: list[str]) -> None
         tree.setdefault(group, {}).update(values)
 
 
-def build(tree: dict[str, dict[str, Any]], problems: list[str]) -> Config:
-    """Validate every value against its field's type and bounds; returns a Config (defaults where bad)."""
+def build(tree: dict[str, dict[str, Any]], problems: list[str], cross_check_keys: bool = True) -> Config:
+    """Validate every value against its field's type and bounds; returns a Config (defaults where bad).
+    Without cross_check_keys (a config file could not be read) checks between keys are left out: they
+    would judge the overrides against defaults instead of the file's values."""
     groups = {}
     for group, values in tree.items():
         cls = _GROUP_TYPES[group]
@@ -270,7 +316,8 @@ def build(tree: dict[str, dict[str, Any]], problems: list[str]) -> Config:
             accepted[key] = converted
         groups[group] = cls(**accepted)
     config = Config(**groups)
-    problems.extend(cross_check(config))
+    if cross_check_keys:
+        problems.extend(cross_check(config))
     return config
 
 
@@ -286,6 +333,8 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
     args = typing.get_args(hint)
     if origin is Literal:
         text = str(value).lower() if isinstance(value, bool) else value  # YAML reads `true` for "true"
+        if isinstance(value, bool) and text not in args and ("off" in args or "on" in args):
+            text = "on" if value else "off"  # ... and `off` / `no` for False
         return (text in args, text, "one of " + ", ".join(map(str, args)))
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -311,7 +360,8 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return True, converted, f"a list of {name_of(item)}"
     if origin is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        return ok, dict(value) if ok else value, "a mapping of text to text"
+        expected = "a mapping of text to text, e.g. {question: user} (a space after each colon)"
+        return ok, dict(value) if ok else value, expected
     if hint is bool:
         return isinstance(value, bool), value, "true or false"
     if hint is int:
@@ -341,10 +391,14 @@ def name_of(hint: Any) -> str:
 def check_bounds(value: Any, meta: typing.Mapping) -> str | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
+    unset, meaning = meta.get("unset", (None, None))
+    if unset is not None and value == unset:
+        return None
+    either = f"must be {unset} ({meaning}) or" if unset is not None else "must be"
     if "min" in meta and value < meta["min"]:
-        return f"must be at least {meta['min']}"
+        return f"{either} at least {meta['min']}"
     if "max" in meta and value > meta["max"]:
-        return f"must be at most {meta['max']}"
+        return f"{either} at most {meta['max']}"
     return None
 
 
@@ -405,3 +459,31 @@ def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{dotted}: {a!r} -> {b!r}")
     return changes
+
+
+# --------------------------------------------------------------------------- model-family recipes
+
+# `train --model unsloth/gpt-oss-20b` with no --config: the settings of configs/gpt-oss-20b.yaml that
+# decide memory, so that the headline command fits a 16 GB card as the planner estimates it
+# (tests/test_fit.py). The user's flags and overrides still win; a --config replaces the recipe.
+GPT_OSS_RECIPE = ("model.max_seq_length=1024", "model.gradient_checkpointing=unsloth", "model.offload_embedding=true",
+                  "lora.r=8", "lora.alpha=16", "train.batch_size=1", "train.gradient_accumulation_steps=4")
+
+
+def family_recipe(model_name: str) -> tuple[str, ...]:
+    """The default overrides for a model family when no --config is given (gpt-oss: GPT_OSS_RECIPE)."""
+    if model_name == EMBEDDED_MODEL:
+        return ()
+    if "gpt-oss" in model_name.lower() or _local_model_type(model_name) == "gpt_oss":
+        return GPT_OSS_RECIPE
+    return ()
+
+
+def _local_model_type(model_name: str) -> str | None:
+    import json
+
+    try:
+        value = json.loads((Path(model_name).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value.get("model_type") if isinstance(value, dict) else None

@@ -9,6 +9,13 @@ tokens highlighted, --export and --check.
 Rules decided here:
 - Every problem is one line `FILE:ROW:FIELD: what is wrong — what to do`. ROW is the 1-based line of a
   JSON Lines file, the 1-based record of .json / .csv (header not counted) / .parquet / Hub data.
+- Every rule about a row is checked while reading it, before any model or tokenizer loads, so
+  `data --check` reports everything `data` and `train` would refuse: among them text that is not valid
+  Unicode (a lone surrogate such as a JSON "\ud800" escape) and, in conversations, Harmony control tokens
+  (`<|start|>`, `<|end|>`, ...), which would be read as chat structure rather than text.
+- A file's shape is the one most of its rows have (data.format forces one): a row of another shape is
+  one located problem, not a reason to misread the others. A .json file holding one object that is
+  itself a row (e.g. one {"messages": [...]}) is one row.
 - Role order: system/developer turns only before the first user turn; the first turn after them is a
   user turn; consecutive user turns are allowed (rendered as separate turns); two assistant turns in a
   row are not (merge them); a tool turn follows an assistant or tool turn; at least one assistant turn,
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -47,7 +55,7 @@ from typing import Any, Callable
 
 from .config import SAMPLE_DATASET, Config
 from .conversation import REASONING_EFFORTS, ROLES, Conversation, Message
-from .harmony import IGNORE_INDEX
+from .harmony import CONTROL_TOKENS, IGNORE_INDEX
 
 SAMPLE_FILE = Path(__file__).parent / "assets" / "sample_train.jsonl"
 SAMPLE_HELDOUT_FILE = Path(__file__).parent / "assets" / "sample_heldout.jsonl"
@@ -157,7 +165,8 @@ class SourceResult:
     rows_read: int = 0
     examples: list[Example] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    columns: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # holding a value in some row, after data.columns
+    raw_columns: list[str] = field(default_factory=list)  # as the file names them, before data.columns
 
 
 # --------------------------------------------------------------------------- loading
@@ -200,8 +209,8 @@ def check_data(cfg: Config) -> list[str]:
 def read_all(cfg: Config) -> tuple[list[SourceResult], list[Problem]]:
     """Read, remap, detect and parse every data set; problems of all of them, in order."""
     results = [read_source(entry, cfg) for entry in cfg.data.dataset]
-    problems = [p for r in results for p in r.problems]
-    problems += unused_renames(cfg.data.columns, results)
+    problems = unused_renames(cfg.data.columns, results)  # first: a typo there explains problems below
+    problems += [p for r in results for p in r.problems]
     return results, problems
 
 
@@ -216,6 +225,7 @@ def read_source(entry: str, cfg: Config) -> SourceResult:
     result.problems += problems
     if any(p.fatal for p in problems):
         return result
+    result.raw_columns = list(dict.fromkeys(key for _, row in rows for key in row))
     rows = [(number, rename_columns(row, cfg.data.columns)) for number, row in rows]
     result.rows_read = len(rows) + len(problems)
     if not rows and not problems:
@@ -223,20 +233,29 @@ def read_source(entry: str, cfg: Config) -> SourceResult:
                                        "empty", fatal=True))
         return result
     result.columns = present_columns(row for _, row in rows)
-    shape, problem = detect_shape(result.columns, cfg.data.format, label)
+    result.shape, problem = file_shape([row for _, row in rows], result.columns, cfg.data.format, label)
     if problem:
         result.problems.append(problem)
         return result
-    result.shape = shape
+    parse_rows(rows, result)
+    return result
+
+
+def parse_rows(rows: list[tuple[int, dict]], result: SourceResult) -> None:
+    """Each row under the file's shape: an Example, or its located problems (a row of another shape is
+    one problem). Problems end up in row order."""
     for number, row in rows:
-        where = f"{label}:{number}"
-        item, issues = parse_row(row, shape)
+        where = f"{result.label}:{number}"
+        stray = stray_row(row, result.shape, where, number)
+        if stray:
+            result.problems.append(stray)
+            continue
+        item, issues = parse_row(row, result.shape)
         if issues:
             result.problems += [Problem(where, *issue, row=number) for issue in issues]
         else:
-            result.examples.append(Example(item, where, entry, shape))
+            result.examples.append(Example(item, where, result.entry, result.shape))
     result.problems.sort(key=lambda p: p.row)
-    return result
 
 
 def resolve_source(entry: str, split: str) -> tuple[str, Path | None, Problem | None]:
@@ -313,7 +332,8 @@ def read_json_lines(data: bytes, label: str) -> tuple[list[tuple[int, dict]], li
 
 
 def read_json(data: bytes, text: str, label: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    """A JSON array of row objects (or {"key": [rows]}); JSON Lines saved as .json are read as such."""
+    """A JSON array of row objects, {"key": [rows]}, or one row object; JSON Lines saved as .json are
+    read as such."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -321,9 +341,7 @@ def read_json(data: bytes, text: str, label: str) -> tuple[list[tuple[int, dict]
             return read_json_lines(data, label)
         return [], [Problem(f"{label}:{error.lineno}", None, f"invalid JSON ({error.msg} at column {error.colno})",
                             "fix the file", "bad JSON", fatal=True)]
-    if isinstance(value, dict):
-        lists = [v for v in value.values() if isinstance(v, list)]
-        value = lists[0] if len(lists) == 1 and len(value) == 1 else [value]
+    value = json_rows(value)
     if not isinstance(value, list):
         return [], [Problem(label, None, f"expected a list of row objects, got {type_name(value)}",
                             "write [{...}, {...}] or JSON Lines", "bad JSON", fatal=True)]
@@ -337,13 +355,53 @@ def read_json(data: bytes, text: str, label: str) -> tuple[list[tuple[int, dict]
     return rows, problems
 
 
+def json_rows(value: Any) -> Any:
+    """The rows a .json file's top level holds: a list as it is, {"key": [rows]} as that list, and any
+    other object as one row — {"messages": [...]} is one conversation, not a list of rows."""
+    if not isinstance(value, dict):
+        return value
+    lists = [v for v in value.values() if isinstance(v, list)]
+    is_row = closest_shape(list(value))[1] or bool(lists and lists[0] and all(map(is_message, lists[0])))
+    return lists[0] if len(lists) == 1 and len(value) == 1 and not is_row else [value]
+
+
+def is_message(value: Any) -> bool:
+    return isinstance(value, dict) and ("role" in value or "from" in value)
+
+
 def read_csv(text: str, label: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """Rows of a CSV file with a header line; a quote that never closes is a syntax error, not a short row."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [(number, {k: v for k, v in row.items() if k is not None}) for number, row in enumerate(reader, 1)]
     except csv.Error as error:
-        return [], [Problem(label, None, f"unreadable CSV ({error})", "fix the file", "unreadable", fatal=True)]
+        return [], [Problem(label, None, f"CSV syntax error on line {reader.line_num} ({error})", "fix the file",
+                            "bad CSV", fatal=True)]
+    line = unclosed_quote_line(text)
+    if line:
+        return [], [Problem(label, None, f"CSV syntax error: the quoted field opened on line {line} is never "
+                            "closed, so the rest of the file would be read into it",
+                            'close the quote (a quote inside a quoted field is written twice: "")', "bad CSV",
+                            fatal=True)]
     return rows, []
+
+
+def unclosed_quote_line(text: str) -> int | None:
+    """The line where the last CSV record starts when it opens a quote that never closes (the csv module
+    then reads the rest of the file into that field without a word), else None."""
+    if '"' not in text:
+        return None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = end = 0
+    for _ in reader:
+        start, end = end + 1, reader.line_num
+    tail = io.StringIO(text, newline="").readlines()[start - 1:] if start else []
+    try:
+        for _ in csv.reader(tail, strict=True):  # strict: the end of the file inside a quote is an error
+            pass
+    except csv.Error as error:
+        return start if "end of data" in str(error) else None
+    return None
 
 
 def read_parquet(path: Path, label: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
@@ -381,22 +439,26 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
 
 
 def unused_renames(columns: dict[str, str], results: list[SourceResult]) -> list[Problem]:
-    """A data.columns entry that matches no column of any data set is a typo, not a no-op."""
-    read = [r for r in results if r.columns]
-    if not read:
-        return []
-    seen = {c for r in read for c in r.columns}
-    found = ", ".join(sorted(seen))
-    return [Problem("data.columns", None, f"no data set has a column '{old}' (columns found: {found})",
-                    "fix the name or remove the entry", "bad config", fatal=True)
-            for old, new in columns.items() if new not in seen]
+    """A data.columns entry that renames a column no data set has is a typo, not a no-op."""
+    read = [r for r in results if r.raw_columns]
+    names = [c for r in read for c in r.raw_columns]
+    found = "; ".join(f"{r.label}: {', '.join(r.raw_columns)}" for r in read)
+    problems = []
+    for old in columns:
+        if not read or old in names:
+            continue
+        close = difflib.get_close_matches(old, names, n=1)
+        fix = f"fix the name{f' (did you mean {close[0]!r}?)' if close else ''} or remove the entry"
+        problems.append(Problem("data.columns", None, f"no data set has a column '{old}' (columns in {found})", fix,
+                                "bad config", fatal=True))
+    return problems
 
 
 def present_columns(rows) -> list[str]:
     """Columns that hold a value in at least one row, in first-seen order."""
     seen: dict[str, None] = {}
     for row in rows:
-        seen.update((k, None) for k, v in row.items() if v is not None)
+        seen.update((k, None) for k in filled(row))
     return list(seen)
 
 
@@ -411,18 +473,55 @@ def detect_shape(columns: list[str], forced: str, label: str) -> tuple[str | Non
                                  f"(data.format={forced}); columns found: {found}",
                                  f"{rename} or choose another data.format", "missing column", fatal=True)
         return forced, None
-    for shape, (needed, _) in SHAPES.items():
-        if all(c in columns for c in needed):
-            return shape, None
-    partial = [(sum(c in columns for c in needed + optional), shape) for shape, (needed, optional) in SHAPES.items()]
-    hits, shape = max(partial)
-    if hits:
+    shape, complete = closest_shape(columns)
+    if complete:
+        return shape, None
+    if shape:
         missing = [c for c in SHAPES[shape][0] if c not in columns]
         return None, Problem(label, None, f"looks like the {shape} shape but has no column {', '.join(missing)}; "
                              f"columns found: {found}", f"{rename} or set data.format", "missing column", fatal=True)
     expected = "messages | conversations | user+final | instruction+output | text"
     return None, Problem(label, None, f"cannot tell the row shape from the columns ({found}); expected {expected}",
                          f"{rename} or set data.format", "missing column", fatal=True)
+
+
+def closest_shape(columns: list[str]) -> tuple[str | None, bool]:
+    """(the first shape, in SHAPES order, whose needed columns are all there, True), else (the shape
+    sharing the most columns, False), else (None, False)."""
+    for shape, (needed, _) in SHAPES.items():
+        if all(c in columns for c in needed):
+            return shape, True
+    hits, shape = max((sum(c in columns for c in needed + optional), shape)
+                      for shape, (needed, optional) in SHAPES.items())
+    return (shape if hits else None), False
+
+
+def file_shape(rows: list[dict], columns: list[str], forced: str, label: str) -> tuple[str | None, Problem | None]:
+    """data.format, else the shape most rows come closest to (the earliest on a tie) — so one stray row
+    cannot change how the others are read. When no row has every column of a shape, detect_shape on all
+    the columns explains what is missing."""
+    guesses = [closest_shape(filled(row)) for row in rows]
+    if forced != "auto" or not any(complete for _, complete in guesses):
+        return detect_shape(columns, forced, label)
+    votes = Counter(shape for shape, _ in guesses if shape)
+    return votes.most_common(1)[0][0], None  # most_common keeps first-seen order among equal counts
+
+
+def stray_row(row: dict, shape: str, where: str, number: int) -> Problem | None:
+    """A row complete in another shape that lacks a column of the file's shape: one problem naming both
+    shapes, instead of a misleading 'missing' for each column."""
+    own, complete = closest_shape(filled(row))
+    needed = SHAPES[shape][0]
+    if not complete or own == shape or all(c in filled(row) for c in needed):
+        return None
+    return Problem(where, None, f"a row of the {own} shape ({' + '.join(SHAPES[own][0])}) among rows of the "
+                   f"{shape} shape ({' + '.join(needed)})", "write it like the other rows or move it to a file of "
+                   "its own", "other shape", row=number)
+
+
+def filled(row: dict) -> list[str]:
+    """The columns of a row that hold a value."""
+    return [k for k, v in row.items() if v is not None]
 
 
 def empty_data_problem(results: list[SourceResult], problems: list[Problem]) -> str:
@@ -443,7 +542,8 @@ def parse_row(row: dict, shape: str) -> tuple[Conversation | PlainText | None, I
 
 
 def parse_text(row: dict, issues: Issues) -> PlainText | None:
-    text = text_field(row, "text", issues, "text")
+    """Plain text is tokenized as it is: it may hold rendered Harmony on purpose, so control tokens stay."""
+    text = text_field(row, "text", issues, "text", control_tokens=False)
     if text is not None and not text.strip():
         issues.add("text", "empty text", "fill it or remove the row", "empty text")
     return PlainText(text) if text else None
@@ -531,6 +631,7 @@ def read_turns(value: Any, key: str, issues: Issues) -> list[tuple[str, str, Mes
                        "make the content a string (lists of parts and tool calls are not supported)",
                        "non-string content")
             continue
+        check_text(content, f"{path}.{content_key}", issues)
         thinking = None
         if role == "assistant":
             thinking = read_reasoning(message, path, issues)
@@ -549,6 +650,7 @@ def read_reasoning(message: dict, path: str, issues: Issues) -> str | None:
             issues.add(f"{path}.{key}", f"expected text, got {type_name(value)}", "make the reasoning a string",
                        "non-string content")
             return None
+        check_text(value, f"{path}.{key}", issues)
         if value.strip():
             return value
     return None
@@ -628,7 +730,13 @@ def read_effort(row: dict, issues: Issues) -> str | None:
 
 def extract_language_line(messages: list[Message]) -> tuple[list[Message], str | None]:
     """Multilingual-Thinking writes the language as the system message's first line; keep it once, as
-    Conversation.reasoning_language, and drop the line (and the message, if nothing else is left)."""
+    Conversation.reasoning_language, and drop the line (and the message, if nothing else is left).
+
+    The one normalisation of message text (all other text is rendered verbatim, as openai-harmony does):
+    the renderer writes the line back as `reasoning language: X`, then one blank line, then the rest of
+    the message, so the line breaks between the language line and the rest become that one blank line,
+    and a message holding only the language line (and blank lines) renders as the line alone. It is the
+    form gpt-oss is prompted with at inference (evaluate, chat), so training and serving agree."""
     if not messages or messages[0].role not in ("system", "developer"):
         return messages, None
     first = messages[0]
@@ -640,7 +748,8 @@ def extract_language_line(messages: list[Message]) -> tuple[list[Message], str |
     return kept + messages[1:], match.group(1)
 
 
-def text_field(row: dict, key: str, issues: Issues, shape: str, required: bool = True) -> str | None:
+def text_field(row: dict, key: str, issues: Issues, shape: str, required: bool = True,
+               control_tokens: bool = True) -> str | None:
     value = row.get(key)
     if value is None:
         if required:
@@ -650,7 +759,24 @@ def text_field(row: dict, key: str, issues: Issues, shape: str, required: bool =
     if not isinstance(value, str):
         issues.add(key, f"expected text, got {type_name(value)}", "make it a string", "non-string content")
         return None
+    check_text(value, key, issues, control_tokens)
     return value
+
+
+def check_text(text: str, field: str, issues: Issues, control_tokens: bool = True) -> None:
+    """Text every renderer and the cache can take: valid Unicode (a lone surrogate, from a JSON escape such
+    as \\ud800, cannot be encoded) and, unless told otherwise, no Harmony control token (inside a message
+    it would be read as chat structure). harmony.py refuses the same tokens when rendering."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        issues.add(field, f"not valid Unicode: lone surrogate \\u{ord(text[error.start]):04x} at character "
+                   f"{error.start + 1}", "fix the \\u escape in the file (surrogates come in pairs, e.g. "
+                   "\\ud83d\\ude00) or remove the row", "invalid Unicode")
+    found = [token for token in CONTROL_TOKENS if token in text] if control_tokens else []
+    if found:
+        issues.add(field, f"contains the Harmony control token {found[0]}",
+                   "remove it: inside a message it would be read as chat structure, not as text", "control token")
 
 
 def json_list(value: Any) -> Any:
@@ -1171,12 +1297,15 @@ def write_cache(path: Path, dataset, stats: dict, kept: list[int]):
 def inspect(cfg: Config, show: int = 3, export: str | None = None, check: bool = False, console=None) -> int:
     """The `data` command. check=True: validate every row, print every problem (first 20, then a
     count), exit code 2 if any. Otherwise: statistics, `show` rendered examples with trained tokens in
-    bold green and masked ones dim, and with `export` every rendered train row as JSON Lines."""
+    bold green and masked ones dim, and with `export` every rendered train row as JSON Lines, in the
+    order of data.dataset, each naming the FILE:ROW it came from."""
     from rich.console import Console
 
     console = console or Console(highlight=False)
     if check:
         return print_check(cfg, console)
+    if export:
+        check_export_target(export)  # before the tokenizer (or a model) loads
     from .model import load_tokenizer
 
     loaded = load_data(cfg)
@@ -1193,8 +1322,18 @@ def inspect(cfg: Config, show: int = 3, export: str | None = None, check: bool =
                      "masked: dim) ──")
         console.print(highlight_markup(row["input_ids"], row["labels"], tokenizer), highlight=False, soft_wrap=True)
     if export:
-        say(console, f"\nexported {export_jsonl(tokenized.dataset, tokenizer, export)} rendered rows to {export}")
+        kept = [loaded.train[i] for i in tokenized.kept]
+        order = input_order(kept, list(cfg.data.dataset))  # training order is shuffled; the file keeps the input's
+        count = export_jsonl(tokenized.dataset.select(order), [kept[n].where for n in order], tokenizer, export)
+        say(console, f"\nexported {count} rendered rows to {export} (in data.dataset order; source = FILE:ROW)")
     return 0
+
+
+def input_order(examples: list[Example], entries: list[str]) -> list[int]:
+    """Indices of the examples sorted as their rows stand in data.dataset: entry by entry, row by row."""
+    rank = {entry: entries.index(entry) for entry in entries}
+    return sorted(range(len(examples)), key=lambda i: (rank.get(examples[i].source, len(rank)),
+                                                       location_key(examples[i].where)))
 
 
 def print_check(cfg: Config, console) -> int:
@@ -1211,7 +1350,9 @@ def print_check(cfg: Config, console) -> int:
 
 
 def say(console, line: str) -> None:
-    """One plain line: no markup (messages hold [brackets]), no hard wrap (lines stay greppable)."""
+    """One plain line: no markup (messages hold [brackets]), no hard wrap (lines stay greppable). A lone
+    surrogate quoted from the data is printed as its escape: the terminal could not encode it."""
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
     console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -1266,20 +1407,42 @@ def runs(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
     return out
 
 
-def export_jsonl(dataset, tokenizer, path: str) -> int:
-    """Every row as {text, input_ids, labels} (text = the decoded ids), written atomically."""
+def check_export_target(path: str) -> None:
+    """DataError, before any work, for an --export path that cannot become a file."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}-",
-                                         suffix=".tmp", delete=False)
+    if target.is_dir():
+        raise DataError([f"{path}: --export names a folder — give a file path, e.g. {target / 'rendered.jsonl'}"])
+    folder = next((p for p in target.parents if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DataError([f"{path}: cannot create the export file ({folder} is not a writable folder) — "
+                         "choose another --export path"])
+
+
+def export_jsonl(dataset, sources: list[str], tokenizer, path: str) -> int:
+    """Every row as {source, text, input_ids, labels} (source = the FILE:ROW it was rendered from, text =
+    the decoded ids), written atomically; a failure is a DataError naming `path`, never the staging file."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}-",
+                                             suffix=".tmp", delete=False)
+    except OSError as error:
+        raise export_error(path, error) from None
     try:
         with handle:
-            for row in dataset:
+            for source, row in zip(sources, dataset):
                 text = tokenizer.decode(row["input_ids"], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                handle.write(json.dumps({"text": text, "input_ids": row["input_ids"], "labels": row["labels"]},
-                                        ensure_ascii=False) + "\n")
+                handle.write(json.dumps({"source": source, "text": text, "input_ids": row["input_ids"],
+                                         "labels": row["labels"]}, ensure_ascii=False) + "\n")
         os.replace(handle.name, target)
-    except BaseException:
+    except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise export_error(path, error) from None
         raise
     return len(dataset)
+
+
+def export_error(path: str, error: OSError) -> DataError:
+    return DataError([f"{path}: cannot write the export ({error.strerror or error}) — choose another --export path "
+                      "or free some space"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import Config, EvalConfig
 from .conversation import Conversation, Message
+from .model import input_device
 
 SUITE = Path(__file__).parent / "assets" / "eval_prompts.yaml"
 GENERATION_BATCH = 16  # prompts per generate() call: bounded so eager-attention generation stays small
@@ -115,7 +116,7 @@ def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int, st
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     results = []
     for b in range(0, len(prompts), GENERATION_BATCH):
         batch = tokenizer(prompts[b:b + GENERATION_BATCH], add_special_tokens=False, padding=True, return_tensors="pt")
@@ -123,14 +124,20 @@ def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int, st
         with torch.inference_mode():
             out = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=ev.max_new_tokens, do_sample=not ev.greedy,
-                temperature=ev.temperature if not ev.greedy else None,
-                top_p=ev.top_p if not ev.greedy else None, top_k=ev.top_k if not ev.greedy else None,
+                max_new_tokens=ev.max_new_tokens, **sampling_kwargs(ev),
                 eos_token_id=stops, pad_token_id=pad, streamer=streamer,
             )
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             results.append(cut_at_stop(row, stops, pad, tokenizer))
     return results
+
+
+def sampling_kwargs(ev: EvalConfig) -> dict:
+    """The sampling settings as generate() keyword arguments. Temperature 0 is greedy decoding (the
+    limit of sampling as the temperature falls), which transformers wants as do_sample=False."""
+    if ev.greedy or ev.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": ev.temperature, "top_p": ev.top_p, "top_k": ev.top_k}
 
 
 def cut_at_stop(ids: list[int], stops: list[int], pad: int, tokenizer) -> dict:
@@ -169,7 +176,7 @@ def perplexity(model, tokenizer, conversations: list, cfg: Config) -> float | No
     if not rows:
         return None
     dataset = tokenize_data(rows, tokenizer, cfg).dataset
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode():
         for example in dataset:

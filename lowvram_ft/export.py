@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import folders
+
 FORMATS = ("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf")
 # Our format name -> Unsloth's save_method. "merged_4bit" alone is refused by Unsloth as a guard against
 # merging into 4-bit by mistake; choosing --format merged-4bit is that explicit choice.
@@ -55,7 +57,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     from .evaluate import run_config
     from .pipeline import log
 
-    console = console or Console(highlight=False, stderr=True)
+    console = console or Console(highlight=False, soft_wrap=True, stderr=True)
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, [])
     adapter = adapter_dir(run_dir)
@@ -81,10 +83,11 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
 
 
 def write_export(model, tokenizer, fmt: str, run_dir: Path, cfg, out: Path, gguf_quant: str) -> None:
-    """Save, add the model card and the config, then rename into `out`: no half-written export is left."""
+    """Save, add the model card and the config, then rename into `out`: no half-written export is left,
+    an earlier export in `out` is replaced only now, and folders made for `out` go again on failure."""
+    made = folders.make_dirs(out.parent)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
         written = save(model, tokenizer, fmt, staging, gguf_quant)
         eval_md = run_dir / "eval.md"
@@ -92,9 +95,13 @@ def write_export(model, tokenizer, fmt: str, run_dir: Path, cfg, out: Path, gguf
                           eval_md.read_text(encoding="utf-8") if eval_md.is_file() else None, fmt, run_dir)
         (written / "README.md").write_text(card, encoding="utf-8")
         shutil.copyfile(run_dir / "config.yaml", written / "lowvram_ft_config.yaml")
-        if out.exists():
-            shutil.rmtree(out)
-        written.rename(out)
+        folders.mark(written, "export")
+        folders.swap_into(written, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(sibling(staging, fmt), ignore_errors=True)
+        folders.remove_made(made)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(sibling(staging, fmt), ignore_errors=True)
@@ -124,8 +131,13 @@ def adapter_dir(run_dir: Path) -> Path:
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: is a file — pass a folder to --out")
+    """Only an empty folder or an earlier export of ours (with --overwrite) may be written."""
+    try:
+        folders.refuse_foreign(out, "export", "--out")
+    except folders.FolderError as error:
+        raise ExportError(str(error)) from None
+    if folders.kind_of(out) == "run":
+        raise ExportError(f"{out}: holds a train run, not an export — choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out}: already holds an export — pass --overwrite to replace it, or another --out")
 

@@ -27,17 +27,57 @@ class Device:
     total_gib: float | None  # GPU memory; None on CPU
     bf16: bool
     reason: str  # why this device and dtype, for the log
+    compute_capability: float | None = None  # e.g. 7.5 (T4), 9.0 (H100); None on CPU
+
+
+# Library output a user cannot act on, silenced unless --verbose (LOWVRAM_FT_VERBOSE=1): torch's
+# deprecation notices for torchao's enums, bitsandbytes' optional CPU kernel package, and per-tensor /
+# per-row progress bars for loads and dataset passes that take well under a second at our sizes.
+QUIET_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
+QUIET_PROGRESS = ("Loading weights",)
+VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"
 
 
 def import_unsloth():
     """Import unsloth first (it patches transformers, trl and peft); the only import site in the package."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no network call home from a training tool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_noise()
     try:
         import unsloth  # noqa: F401  (must precede trl / transformers / peft)
     except ImportError as error:
         raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (README, Installation)") from None
+    quiet_progress_bars()
     return unsloth
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_known_noise() -> None:
+    """Silence the known-harmless warnings (QUIET_LOGGERS) before the libraries are imported."""
+    if verbose():
+        return
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' map/filter bars
+
+
+def quiet_progress_bars() -> None:
+    """No weight-loading bar (QUIET_PROGRESS); Hub download bars stay, through transformers' public hook."""
+    if verbose():
+        return
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in QUIET_PROGRESS:
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
 
 
 def detect_device() -> Device:
@@ -51,15 +91,49 @@ def detect_device() -> Device:
         total = props.total_memory / 2**30
         cap = os.environ.get("LOWVRAM_FT_VRAM_GIB")
         if cap:  # emulate a smaller card on a bigger one (benchmarks, tests, "will it fit on 16 GB?")
-            total = min(total, float(cap))
-            torch.cuda.set_per_process_memory_fraction(total * 2**30 / props.total_memory, 0)
-            why += f"; memory capped at {total:.1f} GiB by LOWVRAM_FT_VRAM_GIB (emulated card)"
-        return Device("cuda", props.name, total, bf16, f"cuda:0 {props.name}; {why}")
+            total = min(total, emulated_card_gib(cap))
+            free, card = torch.cuda.mem_get_info(0)  # creates the CUDA context, which a real card holds too
+            context = max(card - free - torch.cuda.memory_reserved(0), 0)
+            torch.cuda.set_per_process_memory_fraction(emulated_card_fraction(total, card, context), 0)
+            why += (f"; memory capped at {total:.1f} GiB by LOWVRAM_FT_VRAM_GIB (emulated card, its "
+                    f"{context / 2**30:.2f} GiB CUDA context included)")
+        capability = float(f"{props.major}.{props.minor}")
+        return Device("cuda", props.name, total, bf16, f"cuda:0 {props.name} (compute capability {capability}); {why}",
+                      capability)
     from unsloth_zoo.cpu import cpu_bf16_supported
 
     bf16 = bool(cpu_bf16_supported())
     why = "CPU has native bf16" if bf16 else "CPU has no native bf16: float32"
     return Device("cpu", "cpu", None, bf16, f"no CUDA GPU found: CPU ({torch.get_num_threads()} threads); {why}")
+
+
+def emulated_card_gib(text: str) -> float:
+    """LOWVRAM_FT_VRAM_GIB as a number of GiB, or ModelError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ModelError(f"LOWVRAM_FT_VRAM_GIB={text!r}: expected the emulated card's memory in GiB, e.g. 16")
+    return value
+
+
+def emulated_card_fraction(card_gib: float, total_bytes: int, context_bytes: int = 0) -> float:
+    """torch.cuda.set_per_process_memory_fraction value that emulates a card of `card_gib` on a bigger
+    one: the CUDA context (outside torch's allocator) lives on a real card too, so it comes off the card.
+    Note: Unsloth sizes its loss chunks from torch.cuda.mem_get_info, which a fraction does not change."""
+    if not card_gib > 0 or total_bytes <= 0:
+        raise ModelError(f"emulated card of {card_gib} GiB on a device of {total_bytes} bytes: both must be positive")
+    usable = card_gib * 2**30 - context_bytes
+    return min(max(usable / total_bytes, 0.0), 1.0)
+
+
+def input_device(model):
+    """Where a model's inputs go: its compute device. `model.device`, which Unsloth points at the GPU when
+    the input embedding is offloaded to host RAM (model.offload_embedding) — the first parameter is then
+    the CPU embedding, and inputs placed there fail after training, in the probe, evaluation and chat."""
+    device = getattr(model, "device", None)
+    return device if device is not None else next(model.parameters()).device
 
 
 def resolve_model_path(name: str) -> str:

@@ -15,7 +15,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from . import folders
 from .config import EMBEDDED_MODEL, Config, to_yaml
+from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
+from .model import input_device
 
 
 class RunDirError(RuntimeError):
@@ -50,14 +53,15 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     from . import model as models
     from .data import load_data, tokenize_data
     from .distributed import max_over_processes, processes, shared_run_dir
-    from .train import (build_trainer, check_trackers, make_progress_callback, optimizer_name, peak_memory_gib,
-                        point_trackers_at)
+    from .train import (build_trainer, check_trackers, compute_dtype, make_progress_callback, optimizer_name,
+                        packing_decision, point_trackers_at)
 
     procs = processes()  # under accelerate launch / torchrun only the main process writes and prints
-    console = console or Console(highlight=False, quiet=not procs.main)
+    # soft_wrap: one line per step whatever the terminal (a pipe would otherwise wrap at 80 columns)
+    console = console or Console(highlight=False, soft_wrap=True, quiet=not procs.main)
     started = time.perf_counter()
     check_trackers(cfg.output.report_to)  # a missing optional tracker fails before anything is written
-    run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, resume=resume)), fresh=not resume)
+    run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, run, resume=resume)), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
     resume_from = checkpoint.resume_point(run_dir) if resume else None
     history = (checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step)
@@ -68,13 +72,19 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
 
     models.import_unsloth()
     device = models.detect_device()
+    gpu = device.kind == "cuda"
+    monitor = MemoryMonitor(gpu).start()  # NVML and RSS peaks, next to torch's (memory.py)
     run.device = device
     log(console, "device", device.reason)
-    check_fit(cfg, device, force, console)
+    fitted = check_fit(cfg, device, force, console)
+    if fitted != cfg:  # train.fit=auto changed how (not what) it trains: the saved config says so
+        cfg = fitted
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     model, tokenizer = models.load_model(cfg, device)
+    load_memory = peak_figures(gpu, monitor)
     log(console, "model", f"{cfg.model.name}: {type(model).__name__}, dtype {model.dtype}, "
-        f"weights {models.load_bits(cfg, device)}, load peak {peak_memory_gib(device):.2f} GiB")
+        f"weights {models.load_bits(cfg, device)}, load peak {headline_gib(load_memory, gpu):.2f} GiB")
     model = models.add_lora(model, cfg)
     counts = models.trainable_parameters(model)
     models.check_trainable(counts, cfg, is_moe=getattr(model.config, "model_type", "") == "gpt_oss")
@@ -83,16 +93,22 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
 
     tokenized = tokenize_data(data.train, tokenizer, cfg)
     log(console, "data", format_data_stats(data.stats, tokenized.stats))
+    packing, packing_why = packing_decision(cfg, device, getattr(model.config, "model_type", ""))
+    if cfg.data.packing:
+        log(console, "data", f"packing {packing_why}")
 
-    progress = make_progress_callback(run_dir, device, console, history=history)
+    reset_peaks(gpu, monitor)  # the training phase's peaks start here (as in the bench)
+    progress = make_progress_callback(run_dir, device, console, history=history, monitor=monitor)
     point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
-                            [progress, checkpoint.make_run_callback(run)])
+                            [progress, checkpoint.make_run_callback(run)], packing=packing)
     run.phase = "train"
     result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
     run.raise_if_stopped()  # Ctrl-C / SIGTERM: the checkpoint is written; say how to resume
     run.phase = "save"
-    peak = max_over_processes(procs, peak_memory_gib(device))
+    train_memory = peak_figures(gpu, monitor)
+    monitor.stop()
+    peak = max_over_processes(procs, max(headline_gib(load_memory, gpu), headline_gib(train_memory, gpu)))
     log(console, "train", f"{result.global_step} steps, final loss {progress.losses[-1] if progress.losses else float('nan'):.4f}, "
         f"peak {'VRAM' if device.kind == 'cuda' else 'RSS'} {peak:.2f} GiB")
 
@@ -106,6 +122,10 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     summary = build_summary(cfg, device, result, progress, counts, data.stats, tokenized.stats, peak,
                             time.perf_counter() - started)
     summary["processes"] = procs.world_size
+    summary["memory"] = {"load": load_memory, "train": train_memory}  # memory.py: one meaning everywhere
+    summary["packing"] = {"requested": cfg.data.packing, "used": packing, "why": packing_why}
+    summary["dtype"] = str(model.dtype).removeprefix("torch.")  # the weights' dtype, and the compute dtype:
+    summary["compute_dtype"] = compute_dtype(cfg, device, summary["dtype"])  # reloads compare within their precision
     if not procs.sharded:  # a forward pass in one process would wait forever for the others' shards
         summary["reload_probe"] = probe_logits(model, tokenizer)
     write_json_atomic(run_dir / "summary.json", summary)
@@ -116,6 +136,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
             f"run `python -m lowvram_ft eval --run {run_dir}` on one GPU")
     elif cfg.eval.enabled:
         evaluate_run(model, tokenizer, cfg, data, run_dir, console)
+    run.keep()  # the run stands: an earlier run it replaces (--overwrite) is deleted now
     log(console, "done", f"results in {run_dir}")
     return run_dir
 
@@ -138,9 +159,11 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{short}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
-    """Create the run folder (refusing to clobber a finished run) and save the resolved config in it.
-    With resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
+def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
+    """Create the run folder and save the resolved config in it. A folder this tool did not write is
+    never used (folders.py); a finished or unfinished run of ours is replaced only with --overwrite, and
+    then only once the new run has its first checkpoint or has finished (`run.replacement`). With
+    resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
     from .checkpoint import describe_unfinished, resume_point
 
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
@@ -148,37 +171,67 @@ def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
         raise RunDirError(f"{run_dir}: is a file — pass a folder to --output")
     if resume:
         resume_point(run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        finished = (run_dir / "summary.json").is_file()
-        if not cfg.output.overwrite:
-            what = "holds a finished run — pass --overwrite to replace it, or choose another --output"
-            raise RunDirError(f"{run_dir}: {what if finished else describe_unfinished(run_dir)}")
-        shutil.rmtree(run_dir)
+        return run_dir
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folders.refuse_foreign(run_dir, "run", "--output")
+    except folders.FolderError as error:
+        raise RunDirError(str(error)) from None
+    if not folders.is_empty(run_dir) and run_dir.is_dir() and not cfg.output.overwrite:
+        finished = (run_dir / "summary.json").is_file()
+        what = "holds a finished run — pass --overwrite to replace it, or choose another --output"
+        raise RunDirError(f"{run_dir}: {what if finished else describe_unfinished(run_dir)}")
+    replacement = folders.Replacement(run_dir, "run")
+    try:
+        replacement.begin()
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     except OSError as error:
+        replacement.abort()
         raise RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output") from None
+    if run is not None:
+        run.replacement = replacement
+    else:
+        replacement.commit()
     return run_dir
 
 
-def check_fit(cfg: Config, device, force: bool, console) -> None:
-    """On a GPU, predict the peak before loading and stop early when it cannot fit (unless --force)."""
+def check_fit(cfg: Config, device, force: bool, console) -> Config:
+    """On a GPU, the planner's estimate before loading (train.fit): says the figure, its basis and the
+    precision it assumed; auto applies changes that keep the trained model the same and returns the
+    changed config; a calibrated estimate over the card by more than its error stops the run (--force
+    overrides). An uncalibrated estimate only warns."""
     if device.kind != "cuda" or device.total_gib is None:
-        return
-    try:
-        from .plan import fit_check
-    except ImportError:
-        return
-    verdict = fit_check(cfg, device.total_gib)
-    if verdict is None:
-        return
-    fits, text = verdict
-    log(console, "plan", text.splitlines()[0] if text else "")
-    if not fits and not force:
-        console.print(text)
-        raise RunDirError(f"predicted peak exceeds this GPU's {device.total_gib:.1f} GiB — apply a recommendation "
-                          "above, or pass --force to try anyway")
+        return cfg
+    from .plan import decide_fit
+
+    decision = decide_fit(cfg, device.total_gib, bf16=device.bf16)
+    if decision is None:
+        return cfg
+    for line in decision.lines():
+        log(console, "plan", line)
+    if decision.action == "refuse" and not force:
+        console.print(decision.report)
+        raise RunDirError(f"predicted peak {decision.peak_gib:.2f} GiB exceeds this GPU's {device.total_gib:.1f} GiB "
+                          f"({decision.basis}) — apply a recommendation above, or pass --force to try anyway")
+    if decision.action == "warn":
+        console.print(decision.report, markup=False, highlight=False)
+    return apply_overrides(cfg, decision.overrides) if decision.overrides else cfg
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """`cfg` with `group.key=value` overrides applied, validated like the command line."""
+    from .config import ConfigError, load_config, parse_override, to_dict
+
+    tree, problems = to_dict(cfg), []
+    for item in overrides:
+        key, value = parse_override(item, problems)
+        group, _, name = (key or "").partition(".")
+        if group in tree and name:
+            tree[group][name] = value
+        else:
+            problems.append(f"{item}: not a group.key=value override")
+    if problems:
+        raise ConfigError(problems)
+    return load_config(None, tree)
 
 
 def save_adapter(model, tokenizer, run_dir: Path) -> Path:
@@ -218,18 +271,15 @@ def probe_logits(model, tokenizer) -> dict:
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().cpu()
+        logits = model(input_ids=ids.to(input_device(model))).logits[0, -1].float().cpu()
     model.train(was_training)
     top = torch.topk(logits, k=min(8, logits.numel()))
     return {"text": PROBE_TEXT, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
 
 
 def describe_resume(run_dir: Path, resume_from) -> str:
-    from .checkpoint import list_checkpoints
-
-    _, broken = list_checkpoints(run_dir)
-    ignored = f"; ignored incomplete {', '.join(p.name for p in broken)}" if broken else ""
-    return f"continuing from {resume_from.path} (step {resume_from.step}){ignored}"
+    damaged = f"; passed over damaged or incomplete {', '.join(resume_from.skipped)}" if resume_from.skipped else ""
+    return f"continuing from {resume_from.path} (step {resume_from.step}){damaged}"
 
 
 def build_summary(cfg, device, result, progress, counts, data_stats, token_stats, peak, wall_s) -> dict:

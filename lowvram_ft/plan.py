@@ -179,6 +179,26 @@ OVERRIDE_KEYS = {
 
 # Component name -> factor from measurements (`calibrate`). Empty: nothing measured yet.
 CALIBRATION: dict[str, float] = {}
+# The largest relative error of the calibrated planner over the measured cases (benchmarks/results);
+# None while CALIBRATION is empty.
+CALIBRATION_ERROR: float | None = None
+# Uncertainty stated for an estimate no measurement has checked yet (a guess: the published anchors
+# suggest the uncalibrated planner is 5-15% high). Such an estimate warns; it never blocks a run.
+UNCALIBRATED_ERROR = 0.20
+# PlanInput fields whose change leaves the trained model the same (train.fit=auto may change them).
+SAME_MODEL_FIELDS = ("offload_embedding", "gradient_checkpointing", "batch_size", "gradient_accumulation")
+
+# Model types for which Unsloth switches packing and padding-free off (code: unsloth trainer.py
+# PADDING_FREE_BLOCKLIST ~197, applied ~1844): gpt-oss's flex attention with sinks mishandles them.
+NO_PACKING_MODEL_TYPES = ("gpt_oss", "gemma2")
+
+# --- Precision Unsloth uses on a card --------------------------------------------------------------
+# bf16 needs compute capability 8.0 (Ampere) or newer; T4 (7.5) and V100 (7.0) have float16 only.
+BF16_MIN_COMPUTE_CAPABILITY = 8.0
+# Families Unsloth will not train in float16 (NaN gradients): on a card without bf16 it keeps the
+# weights outside the 4-bit linears in float32 and computes in float16 (code: unsloth models/loader.py
+# FORCE_FLOAT32 ~205-224, models/vision.py ~3613-3650). gpt_oss is one of them.
+FORCE_FLOAT32_MODEL_TYPES = ("gpt_oss", "gemma3", "gemma3n", "gemma4", "glm4_moe", "qwen3_5", "qwen3_moe")
 
 COMPONENT_LABELS = {
     "quantized_weights": "quantized linear weights (incl. absmax)",
@@ -231,6 +251,8 @@ class PlanInput:
     optimizer: str = "adamw_8bit"
     packing: bool = False
     dtype: str = "bfloat16"                 # compute dtype: bfloat16 | float16 (T4) | float32
+    weights_dtype: str | None = None        # dtype of the weights kept in 16 bits; None = dtype (float32
+                                            # for gpt-oss on a card without bf16, see unsloth_precision)
     offload_embedding: bool = False         # keep the input embedding table in host RAM
     attention: str = "auto"                 # auto = flex for gpt-oss, sdpa otherwise; eager for plain HF gpt-oss
     unsloth_kernels: bool = True            # False = plain transformers/PEFT (full logits, no fused paths)
@@ -351,15 +373,15 @@ def resolve_model_config(model: str) -> dict:
     HF_HUB_OFFLINE is not set, config.json fetched from the Hub. Raises PlanError otherwise."""
     path = Path(os.path.expanduser(model))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir() and (path / "config.json").is_file():
-        return _read_json(path / "config.json")
+        return _read_model_config(path / "config.json")
     if path.is_file() and path.name.endswith(".json"):
-        return _read_json(path)
+        return _read_model_config(path)
     if path.is_dir():
         raise PlanError(f"{model}: folder has no config.json; pass the model's folder or a bundled id")
     bundled = bundled_model_ids()
     match = next((name for name in bundled if name.lower() == model.lower()), None)
     if match:
-        return _read_json(MODEL_CONFIG_DIR / bundled[match])
+        return _read_model_config(MODEL_CONFIG_DIR / bundled[match])
     downloaded = _download_config(model)
     if downloaded is not None:
         return downloaded
@@ -376,10 +398,25 @@ def bundled_model_ids() -> dict[str, str]:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in `path`; PlanError naming the file when it is unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlanError(f"{path}: cannot read JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: expected a JSON object, got {_json_kind(data)} — pass the model's own config.json")
+    return data
+
+
+def _read_model_config(path: Path) -> dict:
+    """config.json, checked now so that a bad value is reported with the file that holds it."""
+    config = _read_json(path)
+    model_shape(config, source=str(path))
+    return config
+
+
+def _json_kind(value) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 def _download_config(model: str) -> dict | None:
@@ -388,25 +425,34 @@ def _download_config(model: str) -> dict | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return _read_json(Path(hf_hub_download(model, "config.json")))
+        path = Path(hf_hub_download(model, "config.json"))
     except Exception:  # no network, no such repo, gated repo: the caller reports one line
         return None
+    return _read_model_config(path)
 
 
-def model_shape(config: Mapping) -> ModelShape:
-    """Architecture numbers from config.json; multimodal configs use their text_config."""
+def model_shape(config: Mapping, source: str = "config.json") -> ModelShape:
+    """Architecture numbers from config.json; multimodal configs use their text_config. A size that
+    is not a positive integer is a PlanError naming `source` and the key."""
     cfg = config if "hidden_size" in config else config.get("text_config") or config
-    missing = [key for key in ("hidden_size", "num_hidden_layers", "vocab_size") if not cfg.get(key)]
+    if not isinstance(cfg, Mapping):
+        raise PlanError(f"{source}: text_config: got {_json_kind(cfg)}; expected an object")
+
+    def size(*keys: str) -> int:
+        return _config_size(cfg, keys, source)
+
+    hidden, layers, vocab = size("hidden_size"), size("num_hidden_layers"), size("vocab_size")
+    missing = [key for key, value in zip(("hidden_size", "num_hidden_layers", "vocab_size"), (hidden, layers, vocab))
+               if not value]
     if missing:
-        raise PlanError(f"config.json lacks {', '.join(missing)}: cannot size this model")
+        raise PlanError(f"{source} lacks {', '.join(missing)}: cannot size this model")
     model_type = str(cfg.get("model_type") or config.get("model_type") or "unknown")
-    hidden, guessed = int(cfg["hidden_size"]), []
-    q_heads = cfg.get("num_attention_heads")
+    guessed = []
+    q_heads = size("num_attention_heads")
     if not q_heads:
         q_heads, guessed = max(1, hidden // 128), guessed + ["num_attention_heads"]
-    head_dim = int(cfg.get("head_dim") or hidden // int(q_heads))
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-    intermediate = cfg.get("intermediate_size")
+    experts = size("num_local_experts", "num_experts")
+    intermediate = size("intermediate_size")
     if not intermediate:
         intermediate, guessed = 4 * hidden, guessed + ["intermediate_size"]
     is_gpt_oss = model_type == "gpt_oss"
@@ -414,15 +460,15 @@ def model_shape(config: Mapping) -> ModelShape:
     return ModelShape(
         model_type=model_type,
         hidden=hidden,
-        layers=int(cfg["num_hidden_layers"]),
-        vocab=int(cfg["vocab_size"]),
-        q_heads=int(q_heads),
-        kv_heads=int(cfg.get("num_key_value_heads") or q_heads),
-        head_dim=head_dim,
-        intermediate=0 if experts else int(intermediate),
+        layers=layers,
+        vocab=vocab,
+        q_heads=q_heads,
+        kv_heads=size("num_key_value_heads") or q_heads,
+        head_dim=size("head_dim") or hidden // q_heads,
+        intermediate=0 if experts else intermediate,
         experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0) if experts else 0,
-        expert_intermediate=int(cfg.get("moe_intermediate_size") or intermediate) if experts else 0,
+        experts_per_token=size("num_experts_per_tok", "experts_per_token") if experts else 0,
+        expert_intermediate=(size("moe_intermediate_size") or intermediate) if experts else 0,
         fused_gate_up=is_gpt_oss,
         qkv_bias=attention_bias or model_type == "qwen2",
         o_bias=attention_bias,
@@ -430,9 +476,22 @@ def model_shape(config: Mapping) -> ModelShape:
         qk_norm=model_type == "qwen3",
         attention_sinks=is_gpt_oss,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_positions=int(cfg.get("max_position_embeddings") or 131072),
+        max_positions=size("max_position_embeddings") or 131072,
         guessed=tuple(guessed),
     )
+
+
+def _config_size(cfg: Mapping, keys: Sequence[str], source: str) -> int:
+    """The first of `keys` that config.json sets (null and 0 count as unset), as a positive integer;
+    0 when none is set."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is None or value == 0:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PlanError(f"{source}: {key}: got {value!r}; expected a positive integer")
+        return value
+    return 0
 
 
 def linear_groups(shape: ModelShape) -> list[LinearGroup]:
@@ -546,7 +605,7 @@ def _weight_bytes(inp: PlanInput, shape: ModelShape, counts: ParameterCounts) ->
     offloaded = counts.embedding if inp.offload_embedding and not shape.tied_embeddings else 0
     if inp.full_finetuning:
         return {"quantized_weights": 0, "unquantized_weights": counts.total * FULL_FT_PARAM_BYTES[inp.dtype]}
-    sixteen = DTYPE_BYTES[inp.dtype]
+    sixteen = DTYPE_BYTES[inp.weights_dtype or inp.dtype]
     if inp.load_bits == 16:
         return {"quantized_weights": 0, "unquantized_weights": (counts.total - offloaded) * sixteen}
     quantized = sum(quantized_bytes(g, inp.load_bits) for g in linear_groups(shape))
@@ -738,7 +797,7 @@ def _host_ram_bytes(inp: PlanInput, shape: ModelShape, counts: ParameterCounts) 
     if inp.gradient_checkpointing == "unsloth":
         offloaded += shape.layers * _tokens(inp) * shape.hidden * DTYPE_BYTES[inp.dtype]
     if inp.offload_embedding and not shape.tied_embeddings:
-        offloaded += counts.embedding * DTYPE_BYTES[inp.dtype]
+        offloaded += counts.embedding * DTYPE_BYTES[inp.weights_dtype or inp.dtype]
     return offloaded
 
 
@@ -800,6 +859,8 @@ def plan_problems(inp: PlanInput) -> list[str]:
         problems.append(f"optimizer={inp.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if inp.dtype not in DTYPE_BYTES:
         problems.append(f"dtype={inp.dtype!r}: use bfloat16, float16 or float32")
+    if inp.weights_dtype is not None and inp.weights_dtype not in DTYPE_BYTES:
+        problems.append(f"weights_dtype={inp.weights_dtype!r}: use bfloat16, float16 or float32")
     if inp.attention not in ATTENTION_IMPLEMENTATIONS:
         problems.append(f"attention={inp.attention!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     problems += _lora_target_problems(inp.lora_targets)
@@ -1092,12 +1153,43 @@ def format_recommendations(recommendations: Sequence[Recommendation], vram_gib: 
 
 # --- lowvram_ft config glue ----------------------------------------------------------------------
 
-def plan_input_from_config(cfg, model_config: Mapping) -> PlanInput:
-    """The PlanInput of a resolved lowvram_ft Config. "auto" settings take their GPU defaults
-    (4-bit, bfloat16, adamw_8bit); LoRA targets the planner cannot size (e.g. lm_head) are left out."""
+@dataclass(frozen=True)
+class Precision:
+    """What Unsloth computes in on a card: the dtype of the weights kept in 16 bits (outside the 4-bit
+    linears), the compute dtype, and why."""
+
+    weights: str
+    compute: str
+    why: str
+
+
+def has_bf16(compute_capability: float | None) -> bool:
+    """Whether a card of this compute capability (e.g. 7.5 for a T4) has bf16; unknown = assume yes."""
+    return compute_capability is None or compute_capability >= BF16_MIN_COMPUTE_CAPABILITY
+
+
+def unsloth_precision(model_type: str, bf16: bool, requested: str = "auto") -> Precision:
+    """The precision Unsloth uses for this model family on a card with / without bf16, for
+    model.dtype=`requested` (code: unsloth models/loader.py ~2994-3010, models/vision.py ~3613-3650)."""
+    forced = model_type in FORCE_FLOAT32_MODEL_TYPES
+    if requested == "float32":
+        return Precision("float32", "float32", "float32 as asked (model.dtype)")
+    if bf16 and requested in ("auto", "bfloat16"):
+        return Precision("bfloat16", "bfloat16", "bf16: the card supports it")
+    if forced:
+        return Precision("float32", "float16", f"float32 weights with float16 compute: Unsloth will not train "
+                         f"{model_type} in float16{'' if bf16 else ' and the card has no bf16'}")
+    return Precision("float16", "float16", "float16: " + ("as asked" if bf16 else "the card has no bf16"))
+
+
+def plan_input_from_config(cfg, model_config: Mapping, bf16: bool = True) -> PlanInput:
+    """The PlanInput of a resolved lowvram_ft Config on a GPU with (or without) bf16. "auto" settings take
+    their GPU defaults (4-bit, adamw_8bit) and the precision Unsloth picks for the card; LoRA targets the
+    planner cannot size (e.g. lm_head) are left out."""
     model, train = cfg.model, cfg.train
     bits = {"4bit": 4, "8bit": 8, "16bit": 16}.get(model.load_in, 16 if model.full_finetuning else 4)
     targets = tuple(t for t in cfg.lora.target_modules if t in LORA_MODULE_NAMES) or LORA_TARGET_PRESETS["attention"]
+    precision = unsloth_precision(str(model_config.get("model_type", "")), bf16, model.dtype)
     return PlanInput(
         model_config=model_config,
         load_bits=bits,
@@ -1109,8 +1201,9 @@ def plan_input_from_config(cfg, model_config: Mapping) -> PlanInput:
         gradient_accumulation=train.gradient_accumulation_steps,
         gradient_checkpointing=model.gradient_checkpointing,
         optimizer="adamw_8bit" if train.optimizer == "auto" else train.optimizer,
-        packing=cfg.data.packing,
-        dtype="bfloat16" if model.dtype == "auto" else model.dtype,
+        packing=cfg.data.packing and model_config.get("model_type") not in NO_PACKING_MODEL_TYPES,
+        dtype=precision.compute,
+        weights_dtype=precision.weights,
         offload_embedding=model.offload_embedding,
     )
 
@@ -1126,32 +1219,111 @@ def model_config_for(name: str) -> dict:
     return resolve_model_config(name)
 
 
-def fit_check(cfg, vram_gib: float) -> tuple[bool, str] | None:
-    """(fits, report) for a run about to start on a GPU of vram_gib; None when the model's
-    config.json cannot be found. The report's first line is the verdict."""
+@dataclass(frozen=True)
+class FitDecision:
+    """What the fit check decided before a GPU run (`decide_fit`).
+
+    action: "fits" | "adjusted" (train.fit=auto changed settings that keep the trained model the same,
+    and it now fits) | "warn" (does not fit as estimated; the run goes ahead) | "refuse" (a calibrated
+    estimate over the card by more than its measured error)."""
+
+    action: str
+    peak_gib: float                  # as it will run (after train.fit=auto's changes)
+    vram_gib: float
+    basis: str                       # "uncalibrated estimate, ±20%" / "calibrated estimate, ±6%"
+    precision: Precision
+    configured_gib: float | None = None  # as configured, when train.fit=auto changed something
+    overrides: tuple[str, ...] = ()  # applied by train.fit=auto
+    undo: tuple[str, ...] = ()       # the overrides that restore what was configured
+    report: str = ""                 # breakdown and recommendations, for a run that does not fit
+
+    def lines(self) -> list[str]:
+        """The log lines: the verdict, then each change and how to undo it."""
+        before = f"{self.configured_gib:.2f} GiB as configured, " if self.overrides else ""
+        head = (f"estimated peak {before}{self.peak_gib:.2f} GiB{' with the changes below' if before else ''} "
+                f"({self.basis}) on a {self.vram_gib:.2f} GiB card, {self.precision.why}: ")
+        head += {"fits": "fits", "adjusted": "fits (the changes keep the trained model the same)",
+                 "warn": "may not fit — training anyway (the estimate is not a measurement)",
+                 "refuse": "does not fit"}[self.action]
+        changes = [f"train.fit=auto set {o} (undo: {u}, or train.fit=warn)" for o, u in zip(self.overrides, self.undo)]
+        return [head, *changes]
+
+
+def decide_fit(cfg, vram_gib: float, bf16: bool = True, model_config: Mapping | None = None) -> FitDecision | None:
+    """The fit check of a run about to start on a GPU of `vram_gib` (train.fit decides what happens when
+    the estimate is over the card). None when train.fit=off or the model's config.json is unknown.
+
+    An estimate never blocks a run unless it is calibrated and over the card by more than its measured
+    error. train.fit=auto applies the planner's changes that keep the trained model the same (embedding
+    offload, checkpointing mode, micro-batch -> accumulation at the same effective batch); rank,
+    targets and sequence length are never changed."""
+    if cfg.train.fit == "off":
+        return None
     try:
-        inp = plan_input_from_config(cfg, model_config_for(cfg.model.name))
+        inp = plan_input_from_config(cfg, model_config or model_config_for(cfg.model.name), bf16)
         breakdown = predict(inp, vram_gib)
     except PlanError:
         return None
-    fitting = breakdown.total_gib <= vram_gib * (1 - SAFETY_MARGIN)
-    verdict = f"estimated peak {breakdown.total_gib:.2f} GiB on a {vram_gib:.2f} GiB GPU: " + (
-        "fits" if fitting else "does not fit")
-    parts = [verdict, format_breakdown(breakdown, vram_gib)]
-    if not fitting:
-        parts.append(format_recommendations(recommend(inp, vram_gib), vram_gib))
-    return fitting, "\n".join(parts)
+    budget = vram_gib * (1 - SAFETY_MARGIN)
+    calibrated = bool(CALIBRATION) and CALIBRATION_ERROR is not None
+    error = CALIBRATION_ERROR if calibrated else UNCALIBRATED_ERROR
+    basis = f"{'calibrated' if calibrated else 'uncalibrated'} estimate, ±{error:.0%}"
+    decision = FitDecision("fits", breakdown.total_gib, vram_gib, basis, unsloth_precision(
+        str(inp.model_config.get("model_type", "")), bf16, cfg.model.dtype))
+    if breakdown.total_gib <= budget:
+        return decision
+    peak, overrides, undo = breakdown.total_gib, (), ()
+    if cfg.train.fit == "auto":
+        change = same_model_change(inp, vram_gib, budget)
+        if change is not None and change.peak_gib < peak:
+            peak, overrides = change.peak_gib, change.overrides
+            undo = tuple(_override(name, getattr(inp, name)) for name in _changed_fields(inp, change))
+    report = "\n".join([format_breakdown(breakdown, vram_gib), format_recommendations(recommend(inp, vram_gib), vram_gib)])
+    if peak <= budget:
+        action = "adjusted"
+    elif calibrated and peak > vram_gib * (1 + error):
+        action = "refuse"
+    else:
+        action = "warn"
+    return replace(decision, action=action, peak_gib=peak, configured_gib=breakdown.total_gib, overrides=overrides,
+                   undo=undo, report=report)
 
 
-def run(cfg, vram_gib: float | None = None) -> int:
-    """`lowvram_ft plan`: print the estimate (and, given the GPU size, what to change).
+def same_model_change(inp: PlanInput, vram_gib: float, budget: float) -> Recommendation | None:
+    """The fastest combination of changes that keep the trained model the same (SAME_MODEL_FIELDS) and
+    fit, else the one with the lowest peak; None when there is nothing to change."""
+    dimensions = [[o for o in options if set(o[0]) <= set(SAME_MODEL_FIELDS)] for options in _change_dimensions(inp)]
+    dimensions = [options for options in dimensions if options]
+    if not dimensions:
+        return None
+    return _best_combination(inp, dimensions, vram_gib, budget)[0]
+
+
+def _changed_fields(inp: PlanInput, change: Recommendation) -> list[str]:
+    keys = {OVERRIDE_KEYS[name]: name for name in SAME_MODEL_FIELDS}
+    return [keys[o.split("=", 1)[0]] for o in change.overrides]
+
+
+def run(cfg, vram_gib: float | None = None, compute_capability: float | None = None) -> int:
+    """`lowvram_ft plan`: print the estimate (and, given the GPU size, what to change) in the precision
+    Unsloth uses on that card (`compute_capability`, e.g. 7.5 for a T4; unknown = a bf16 card).
     Exit status 0 when it fits or no GPU size was given, 1 when it does not fit, 2 on bad input."""
     try:
-        inp = plan_input_from_config(cfg, model_config_for(cfg.model.name))
+        if vram_gib is not None and not 0 < vram_gib < math.inf:  # nan fails every comparison
+            raise PlanError(f"--vram: got {vram_gib}; expected the GPU's memory in GiB, a positive number (e.g. 16)")
+        if compute_capability is not None and not 1 <= compute_capability < 100:
+            raise PlanError(f"--compute-capability: got {compute_capability}; expected e.g. 7.5 (T4), 8.6, 9.0 (H100)")
+        model_config = model_config_for(cfg.model.name)
+        bf16 = has_bf16(compute_capability)
+        inp = plan_input_from_config(cfg, model_config, bf16)
         breakdown = predict(inp, vram_gib)
     except PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    precision = unsloth_precision(str(model_config.get("model_type", "")), bf16, cfg.model.dtype)
+    card = (f"compute capability {compute_capability}" if compute_capability is not None
+            else "a card with bf16 assumed (pass --compute-capability 7.5 for a T4)")
+    print(f"precision: {precision.why} ({card})")
     print(format_breakdown(breakdown, vram_gib))
     if vram_gib is None:
         print(f"  smallest GPU that fits: {min_vram_gib(inp):.2f} GiB ({SAFETY_MARGIN:.0%} kept free)")

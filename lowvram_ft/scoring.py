@@ -12,8 +12,12 @@ How a trace is judged (the rules the numbers in a report rest on):
   a Japanese sentence with English terms in it stays Japanese. If CJK dominates:
   any hangul (more than kana) -> ko, any kana -> ja, Han only -> zh unless a Japanese-only kanji form
   (shinjitai such as 検, 関, 図) appears -> ja. Cyrillic, Arabic, Devanagari, Greek, Hebrew and Thai
-  give ru, ar, hi, el, he, th. Only Latin-script sentences go to py3langid, restricted to the Latin
-  candidates.
+  give ru, ar, hi, el, he, th. Only Latin-script sentences go to py3langid, which chooses among
+  `LATIN_IDENTIFIED`: every Latin-script language of `LANGUAGES` and the close neighbours of each
+  (`LATIN_NEIGHBOURS`: pt/gl/ca for es, nl/af/lb for de, ro/ca/es for it, ca for fr, …), whether
+  or not they were asked for. So a model drifting into a neighbouring language is seen doing it:
+  Portuguese reasoning asked for in Spanish is pt, not a Spanish match. (A sentence in a Latin-script
+  language outside that set is still given the nearest language in it.)
 - Too short to judge (None): fewer than `MIN_LETTERS` (12) letters of the dominant alphabetic
   script, a lone letter such as the x in "x = 3" not counted, or fewer than `MIN_CJK_CHARS` (4) CJK
   characters. This is the papers' "<= 15 characters count as consistent" rule, measured in letters
@@ -21,12 +25,14 @@ How a trace is judged (the rules the numbers in a report rest on):
   this." (12 letters) is.
 - A text's language (`identify_text`) is the one with the most judged sentences (each judged sentence
   counts once, whatever its length); ties go to the language with more letters, then by code.
+- Reasoning matches when its language is the target; its share is its target sentences over its judged
+  ones. A sentence identified as any other language, a neighbour outside `LANGUAGES` (gl, ca, ro, …)
+  included, counts against the target.
 - A sample whose completion was cut off or could not be parsed is not scored as wrong language: it is
   excluded from the match rates and counted separately.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -66,6 +72,30 @@ LANGUAGES: dict[str, tuple[str, str]] = {
     "he": ("Hebrew", "hebrew"),
     "th": ("Thai", "thai"),
 }
+# For each Latin-script language of LANGUAGES, the close languages a model asked for it may drift into
+# (py3langid codes). They are identified so that their sentences are not given to the language asked for;
+# those outside LANGUAGES (gl, ca, ro, …) can be identified but not asked for. Occitan (for fr) and
+# Frisian (for nl) are left out: py3langid hands them short French and English sentences ("La capitale
+# du Canada est Ottawa." is oc, "So it travels km." fy), which costs more than the drift they would catch.
+LATIN_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "es": ("pt", "gl", "ca"),
+    "pt": ("gl", "es"),
+    "fr": ("ca",),
+    "it": ("ro", "ca", "es"),
+    "de": ("nl", "af", "lb"),
+    "nl": ("af", "de"),
+    "sv": ("da", "no"),
+    "pl": ("cs", "sk"),
+    "tr": ("az",),
+    "id": ("ms",),
+}
+# What py3langid chooses among for a Latin-script sentence. Not its full set of 142 languages: that sends
+# short Spanish sentences to Aragonese and Extremaduran (when this was chosen, 403/410 judged sentences of
+# tests/data/langid_labelled.jsonl came out right with the full set, 405/410 with this one).
+LATIN_IDENTIFIED = frozenset(
+    [code for code, (_name, script) in LANGUAGES.items() if script == "latin"]
+    + [code for neighbours in LATIN_NEIGHBOURS.values() for code in neighbours]
+)
 _SCRIPT_LANGUAGE = {"cyrillic": "ru", "arabic": "ar", "devanagari": "hi", "greek": "el",
                     "hebrew": "he", "thai": "th"}
 _ALIASES = {
@@ -80,7 +110,6 @@ UNDETERMINED = "und"  # a judged sentence in a script none of LANGUAGES uses
 # The mission's languages: trained (in Multilingual-Thinking) and zero-shot (absent from it).
 TRAINED_LANGUAGES = ("en", "fr", "de", "es", "it")
 ZERO_SHOT_LANGUAGES = ("ja", "zh", "ko")
-DEFAULT_CANDIDATES = TRAINED_LANGUAGES + ZERO_SHOT_LANGUAGES
 
 MIN_LETTERS = 12     # alphabetic scripts: fewer letters (after cleaning) -> too short to judge
 MIN_CJK_CHARS = 4    # CJK: fewer characters -> too short to judge
@@ -109,14 +138,6 @@ def normalize_language(name_or_code: str) -> str:
 
 def _accepted() -> str:
     return "accepted: " + ", ".join(f"{name}/{code}" for code, (name, _s) in LANGUAGES.items())
-
-
-def _normalize_candidates(candidates: Iterable[str] | None) -> tuple[str, ...]:
-    if candidates is None:
-        return DEFAULT_CANDIDATES
-    if isinstance(candidates, str):
-        candidates = [candidates]
-    return tuple(dict.fromkeys(normalize_language(c) for c in candidates))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,12 +372,11 @@ def _cjk_language(counts: Counter, text: str) -> str:
     return "ja" if any(ch in _JAPANESE_ONLY_KANJI for ch in text) else "zh"
 
 
-def identify_sentence(sentence: str, candidates: Iterable[str] | None = None) -> str | None:
+def identify_sentence(sentence: str) -> str | None:
     """Language code of one sentence, or None when too short to judge (see MIN_LETTERS,
-    MIN_CJK_CHARS). `candidates` (names or codes; default DEFAULT_CANDIDATES) restricts py3langid's
-    choice for Latin-script sentences; a script-decided language (ja, zh, ko, ru, …) is returned even
-    when it is not a candidate, because reasoning in an unrequested script is exactly what must show.
-    A Latin sentence with no Latin candidate, or a judged sentence in an unknown script, gives 'und'."""
+    MIN_CJK_CHARS). Other scripts decide the language by themselves (ja, zh, ko, ru, …; 'und' for a
+    script no language of LANGUAGES uses); a Latin-script sentence gets py3langid's choice among
+    LATIN_IDENTIFIED, which may be a neighbour outside LANGUAGES (gl, ca, ro, …)."""
     cleaned = clean_for_langid(sentence)
     counts = _letter_counts(cleaned)
     script, letters = _dominant_script(counts)
@@ -366,29 +386,20 @@ def identify_sentence(sentence: str, candidates: Iterable[str] | None = None) ->
         return None
     if script != "latin":
         return _SCRIPT_LANGUAGE.get(script, UNDETERMINED)
-    latin = tuple(c for c in _normalize_candidates(candidates) if LANGUAGES[c][1] == "latin")
-    if not latin:
-        return UNDETERMINED
-    if len(latin) == 1:
-        return latin[0]
     latin_only = "".join(ch if not ch.isalpha() or _script(ch) == "latin" else " " for ch in cleaned)
-    return _latin_identifier(frozenset(latin)).classify(latin_only)[0]
+    return _latin_identifier().classify(latin_only)[0]
 
 
 @functools.lru_cache(maxsize=1)
-def _base_identifier():
+def _latin_identifier():
+    """py3langid restricted to LATIN_IDENTIFIED, in an instance of our own: the module-level
+    identifier's set_languages would change it for every other user in the process."""
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError as e:  # pragma: no cover - py3langid is a declared dependency
         raise ImportError("language scoring needs py3langid: pip install py3langid==0.4.0") from e
-    return LanguageIdentifier.from_model_file(MODEL_FILE)
-
-
-@functools.lru_cache(maxsize=32)
-def _latin_identifier(languages: frozenset[str]):
-    """A private copy restricted to `languages`: py3langid's module-level set_languages is global."""
-    identifier = copy.copy(_base_identifier())
-    identifier.set_languages(sorted(languages))
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE)
+    identifier.set_languages(sorted(LATIN_IDENTIFIED))
     return identifier
 
 
@@ -408,17 +419,16 @@ class TextLanguage:
     unjudged: int = 0
 
 
-def identify_text(text: str | None, candidates: Iterable[str] | None = None) -> TextLanguage:
+def identify_text(text: str | None) -> TextLanguage:
     """Judge every sentence of `text` and report the dominant language by judged-sentence count
     (ties: more letters, then code order). Empty or None text -> TextLanguage(None)."""
     if not text:
         return TextLanguage(dominant=None)
-    candidates = _normalize_candidates(candidates)
     counts: Counter = Counter()
     letters: Counter = Counter()
     unjudged = 0
     for sentence in split_sentences(_strip_noise(text)):
-        language = identify_sentence(sentence, candidates)
+        language = identify_sentence(sentence)
         if language is None:
             unjudged += 1
             continue
@@ -450,7 +460,6 @@ def score_sample(
     *,
     parsed: Parsed | None = None,
     truncated: bool = False,
-    candidates: Iterable[str] | None = None,
 ) -> dict:
     """Score one sample. Give `analysis`/`final` text, or a `parsed` completion (whose analysis,
     final, parsed_ok and truncated are then used).
@@ -472,9 +481,8 @@ def score_sample(
         analysis, final = parsed.analysis, parsed.final
         parsed_ok, truncated = parsed.parsed_ok, parsed.truncated or truncated
     expected = user if answer_in == "user" else target
-    langs = tuple(dict.fromkeys(_normalize_candidates(candidates) + (target, user)))
-    think = identify_text(analysis, langs)
-    answer = identify_text(final, langs)
+    think = identify_text(analysis)
+    answer = identify_text(final)
     scorable = parsed_ok and not truncated
     return {
         "target_language": target,

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .memory import headline_gib, peak_figures
 from .model import Device
+from .plan import NO_PACKING_MODEL_TYPES
 
 # output.report_to -> the packages its Trainer callback imports (any one of them will do).
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
@@ -41,8 +43,28 @@ def precision_flags(cfg: Config, device: Device) -> dict:
     return {"bf16": bf16, "fp16": not bf16}
 
 
-def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
-    """Everything SFTConfig needs, from our config. Pure: plain values in, a dict out."""
+def packing_decision(cfg: Config, device: Device, model_type: str) -> tuple[bool, str]:
+    """(packing used, why) — what Unsloth will actually do with data.packing on this device and model,
+    said in the log and the summary instead of claiming packing that does not happen."""
+    if not cfg.data.packing:
+        return False, "off (data.packing=false)"
+    if device.kind != "cuda":
+        return False, "off: Unsloth's CPU backend does not pack"
+    if model_type in NO_PACKING_MODEL_TYPES:
+        return False, f"off: Unsloth turns packing and padding-free off for {model_type} (its attention mishandles them)"
+    return True, "on: rows are packed into max_seq_length sequences without cross-row attention"
+
+
+def compute_dtype(cfg: Config, device: Device, weights_dtype: str) -> str:
+    """The dtype the training matmuls run in: the autocast dtype when there is one, else the weights'."""
+    flags = precision_flags(cfg, device)
+    return "bfloat16" if flags["bf16"] else "float16" if flags["fp16"] else weights_dtype
+
+
+def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing: bool | None = None) -> dict:
+    """Everything SFTConfig needs, from our config. Pure: plain values in, a dict out. `packing` is
+    packing_decision's verdict (default: data.packing on a GPU)."""
+    packing = cfg.data.packing and device.kind == "cuda" if packing is None else packing
     t = cfg.train
     trackers = [r for r in cfg.output.report_to if r != "none"]
     return dict(
@@ -68,7 +90,7 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
         report_to=trackers or "none",
         run_name=Path(checkpoint_dir).parent.name,  # the run folder's name in TensorBoard / MLflow / W&B
         max_length=cfg.model.max_seq_length,
-        packing=cfg.data.packing and device.kind == "cuda",
+        packing=packing,
         # Unsloth set up (offloaded) gradient checkpointing on the model; the Trainer must not replace it.
         gradient_checkpointing=False,
         disable_tqdm=True,  # the rich progress line replaces tqdm
@@ -78,14 +100,15 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str) -> dict:
     )
 
 
-def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=()):
+def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=(),
+                  packing: bool | None = None):
     """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied), whose
     checkpoints are written atomically (checkpoint.atomic_checkpoint_trainer)."""
     from trl import SFTConfig, SFTTrainer
 
     from .checkpoint import atomic_checkpoint_trainer
 
-    args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints")))
+    args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints"), packing))
     trainer = atomic_checkpoint_trainer(SFTTrainer)(
         model=model,
         args=args,
@@ -93,6 +116,10 @@ def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, 
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    # Our progress line replaces the Trainer's printed log dicts (one line per logging step).
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     # Ours before the Trainer's own: the progress callback adds tokens/s and peak memory to the logs
     # that the tracker callbacks (TensorBoard, MLflow, W&B) then record.
     handler = trainer.callback_handler
@@ -150,9 +177,10 @@ def peak_memory_gib(device: Device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def make_progress_callback(run_dir: Path, device: Device, console, history: list[dict] = ()):
+def make_progress_callback(run_dir: Path, device: Device, console, history: list[dict] = (), monitor=None):
     """A TrainerCallback that shows step/total, loss, lr, tokens/s, peak memory and ETA, and writes
-    one JSON object per logging step to metrics.jsonl. `history`: the records a resumed run keeps."""
+    one JSON object per logging step to metrics.jsonl, with the memory FIELDS of memory.py (peaks
+    since training began; `monitor` samples NVML and RSS). `history`: the records a resumed run keeps."""
     from transformers import TrainerCallback
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -192,9 +220,10 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
                 "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
                 "tokens": tokens,
                 "tokens_per_s": round(tokens_per_s, 1),
-                "peak_memory_gib": round(peak_memory_gib(device), 3),
                 "elapsed_s": round(self.earlier_s + elapsed, 2),
             }
+            figures = peak_figures(device.kind == "cuda", monitor)
+            record.update(peak_memory_gib=round(headline_gib(figures, device.kind == "cuda"), 3), **figures)
             self.losses.append(record["loss"])
             # The trackers' callbacks run after this one and record these too.
             logs.update(tokens_per_s=record["tokens_per_s"], peak_memory_gib=record["peak_memory_gib"])

@@ -1,4 +1,5 @@
-"""Shared test setup: no Hub access, and GPU tests skip themselves without CUDA."""
+"""Shared test setup: no Hub access; every test but the `gpu` ones runs on the CPU, also on a machine
+with a GPU; GPU tests skip themselves without CUDA."""
 from __future__ import annotations
 
 import os
@@ -7,14 +8,28 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The environment with the GPU visible, for the `gpu` tests' processes (gpu_env) ...
+GPU_ENV = dict(os.environ)
+# ... and without it for everything else: CPU tests compare exact numbers and expect the CPU path
+# (load_in=auto is 4-bit on a GPU), so their processes must not find a GPU even where there is one.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env(**extra: str) -> dict[str, str]:
+    """The environment for a process of a `gpu` test: the GPU visible, the Hub offline."""
+    return {**GPU_ENV, "HF_HUB_OFFLINE": "1", **extra}
 
 
 def cuda_available() -> bool:
+    """Whether a GPU is there, asked in a process that can see it (this one hides it)."""
+    import subprocess
+    import sys
+
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     try:
-        import torch
-    except ImportError:
+        return subprocess.run([sys.executable, "-c", code], env=GPU_ENV, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
         return False
-    return torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,3 +38,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# Machine epsilon per dtype name (torch.finfo(...).eps), without importing torch at collection time.
+EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+def precision_atol(dtype: str, magnitude: float, factor: float = 4.0, floor: float = 0.0) -> float:
+    """Absolute tolerance for values of about `magnitude` computed in `dtype` by two different code paths
+    (Unsloth's and plain transformers'): `factor` roundings of that dtype at that magnitude, at least
+    `floor`. The CPU path trains in bf16 where the CPU has native bf16 and in fp32 elsewhere, so a fixed
+    fp32 tolerance fails on one machine and a bf16 one proves nothing on the other."""
+    return max(floor, factor * EPS[dtype] * magnitude)

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import date
@@ -331,3 +332,29 @@ def test_gpu_case_reports_device_memory_and_an_emulated_budget_ooms(tmp_path):
         assert r["tokens_per_s"] > 0 and (r["mfu"] is None or r["mfu"] > 0)
     tiny = next(r for r in lines if r["case"]["budget_gib"] is not None)
     assert tiny["status"] == "OOM" and tiny["memory_at_failure_gib"]
+
+
+@pytest.mark.parametrize("text, shown", [("- device: cpu\n", "a list"), ("cpu\n", "'cpu'"), ("[]\n", "a list"),
+                                         ("3.5\n", "3.5")])
+def test_a_matrix_whose_top_level_is_not_a_mapping_says_what_it_must_be(tmp_path, text, shown):
+    path = tmp_path / "cases.yaml"
+    path.write_text(text)
+    with pytest.raises(bench.BenchError) as error:
+        bench.read_matrix(path)
+    assert str(error.value) == (f"{path}: the top level is {shown}; it must be a mapping with the keys device, "
+                                "defaults, cases, budgets — see benchmarks/cases/cpu.yaml")
+
+
+def test_matrix_sections_of_the_wrong_type_are_named(tmp_path):
+    path = tmp_path / "cases.yaml"
+    path.write_text("defaults: [1]\ncases: [seq_len]\n")
+    with pytest.raises(bench.BenchError) as error:
+        bench.read_matrix(path)
+    assert str(error.value).splitlines() == [f"{path}: defaults: must be a mapping", f"{path}: cases[1]: must be a mapping",
+                                             f"{path}: no cases and no budgets — nothing to run"]
+    path.write_text("cases: 5\n")
+    with pytest.raises(bench.BenchError, match=r"cases: must be a list of mappings"):
+        bench.read_matrix(path)
+    path.write_text("cases: [\n")
+    with pytest.raises(bench.BenchError, match=rf"^{re.escape(str(path))}:\d+: invalid YAML \("):
+        bench.read_matrix(path)

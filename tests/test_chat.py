@@ -191,3 +191,41 @@ def test_generate_json_prints_one_object_with_analysis_and_final(run):
     result = json.loads(lines[0])
     assert set(result) == {"analysis", "final", "truncated"}
     assert result["truncated"] is True or result["final"] is not None  # 6 tokens: cut off unless it finished
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_temperature_zero_means_greedy_decoding():
+    from lowvram_ft.config import EvalConfig
+    from lowvram_ft.evaluate import sampling_kwargs
+
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    assert sampling_kwargs(EvalConfig(greedy=False, temperature=0.0, top_p=0.9, top_k=20)) == greedy
+    assert sampling_kwargs(EvalConfig(greedy=True, temperature=0.7)) == greedy
+    assert sampling_kwargs(EvalConfig(greedy=False, temperature=0.7, top_p=0.9, top_k=20)) == {
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
+
+
+@pytest.mark.parametrize("flag", ["--temperature=nan", "--temperature=inf", "--temperature=-1", "--top-p=nan"])
+def test_sampling_flags_that_are_not_numbers_in_range_are_rejected(flag):
+    from lowvram_ft.cli import build_parser, chat_setup
+    from lowvram_ft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--temperature a finite number >= 0"):
+        chat_setup(build_parser().parse_args(["chat", flag]))
+
+
+def test_chat_with_stdin_closed_ends_before_loading_the_model(monkeypatch, capsys):
+    from rich.console import Console
+
+    from lowvram_ft import chat
+    from lowvram_ft.chat import Sampling
+    from lowvram_ft.config import load_config
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", closed)
+    monkeypatch.setattr(chat, "load_chat_model", lambda cfg, adapter: pytest.fail("loaded a model with no input"))
+    assert chat.run_chat(load_config(None, []), None, Session(), Sampling(), console=Console(file=io.StringIO())) == 0
+    assert capsys.readouterr().err == "chat: stdin is closed — nothing to read; pipe or type the messages\n"

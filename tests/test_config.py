@@ -98,6 +98,73 @@ def test_yaml_file_errors_name_the_file(tmp_path):
         load_config(group)
 
 
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\nlora:\n  r: 8\n  r: 4\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:5: lora.r: given twice (first on line 4) — keep one; YAML would silently use only the last",
+        f"{path}:6: train: given twice (first on line 1) — keep one; YAML would silently use only the last",
+    ]
+
+
+def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("lora:\n  <<: &base {r: 8, alpha: 16}\n  r: 4\neval:\n  <<: *base\n  enabled: false\n")
+    with pytest.raises(ConfigError) as info:  # the alias brings lora keys into eval: unknown there, not repeated
+        load_config(path)
+    assert [p.split(":")[0] for p in info.value.problems] == ["eval.r", "eval.alpha"]
+    path.write_text("lora:\n  <<: {r: 8, alpha: 16}\n  r: 4\n")
+    cfg = load_config(path)
+    assert (cfg.lora.r, cfg.lora.alpha) == (4, 16)
+
+
+def test_yaml_syntax_error_is_reported_with_the_override_problems(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dataset: [a.jsonl, b.jsonl]\nlora:\n  r: [1,\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["lora.rr=8", "train.max_steps=0", "data.weights=[0.5, 0.5]"])
+    problems = info.value.problems
+    assert problems[0].startswith(f"{bad}:5: invalid YAML (")
+    # The cross-key check of data.weights is left out: it would judge the overrides against defaults.
+    assert problems[1:] == ["lora.rr: unknown key — did you mean lora.r?",
+                            "train.max_steps: got 0; must be -1 (run the epochs) or at least 1"]
+
+
+def test_max_steps_is_minus_one_or_positive():
+    assert load_config(None, ["train.max_steps=-1"]).train.max_steps == -1
+    assert load_config(None, ["train.max_steps=1"]).train.max_steps == 1
+    for value in (0, -2):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"train.max_steps={value}"])
+        assert info.value.problems == [f"train.max_steps: got {value}; must be -1 (run the epochs) or at least 1"]
+
+
+def test_mapping_override_without_spaces_says_how_to_write_it():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.columns={question:user}"])
+    assert info.value.problems == ["data.columns: got {'question:user': None}; expected a mapping of text to text, "
+                                   "e.g. {question: user} (a space after each colon)"]
+
+
+def test_cli_duplicate_keys_and_broken_yaml_are_lines_not_tracebacks(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  learning_rate: 0.1\ntrain:\n  max_steps: 3\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  r: [1,\n")
+    runs = [["--config", str(dup)], ["--config", str(bad), "lora.rr=8"]]
+    outs = [subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--dry-run", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60) for args in runs]
+    for out in outs:
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert outs[0].stderr.splitlines() == [
+        f"error: {dup}:3: train: given twice (first on line 1) — keep one; YAML would silently use only the last"]
+    assert outs[1].stderr.splitlines() == [
+        f"error: {bad}:3: invalid YAML (expected the node content, but found '<stream end>')",
+        "error: lora.rr: unknown key — did you mean lora.r?"]
+
+
 def test_yaml_round_trip_and_diff():
     cfg = load_config(None, ["lora.r=8"])
     again = load_config(None, {k: v for k, v in to_dict(cfg).items()})

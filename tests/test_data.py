@@ -412,8 +412,10 @@ def test_tokenizer_without_template_is_one_line(tmp_path):
 
 
 def test_render_refusals_are_located(tmp_path, harmony_tok):
+    # A tool turn is valid data (a chat template may render it) but Harmony cannot: only the renderer knows.
     path = write_jsonl(tmp_path / "r.jsonl", [
-        {"messages": [{"role": "user", "content": "q <|end|>"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                      {"role": "tool", "content": "42"}, {"role": "assistant", "content": "b"}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     with pytest.raises(data.DataError, match=rf"^{tmp_path / 'r.jsonl'}:1: cannot be rendered by the harmony renderer"):
         tokenize(tmp_path, harmony_tok, path)
@@ -484,7 +486,10 @@ def test_export_and_inspect(tmp_path, harmony_tok, monkeypatch):
     assert "reasoning languages (train)  none 3, French 2, German 1, Italian 1, Spanish 1" in printed
     assert printed.count("── example ") == 2 and "trained share" in printed and "cache    miss" in printed
     rows = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 8 and set(rows[0]) == {"text", "input_ids", "labels"}
+    assert len(rows) == 8 and set(rows[0]) == {"source", "text", "input_ids", "labels"}
+    # In data.dataset order (training order is shuffled), each traceable to its row.
+    assert [row["source"] for row in rows] == [f"{MT}:{n}" for n in range(1, 5)] + [f"{MESSAGES}:{n}" for n in range(1, 5)]
+    assert "Name a primary colour." in rows[1]["text"] and "Capital of France?" in rows[6]["text"]
     for row in rows:
         assert row["text"] == harmony_tok.decode(row["input_ids"])
         assert all(label in (-100, token) for token, label in zip(row["input_ids"], row["labels"]))

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import precision_atol
 
 from lowvram_ft import export
 from lowvram_ft.config import load_config, to_yaml
@@ -23,14 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 PROBE = ("<|start|>user<|message|>Quelle est la capitale de la France ? Explique.<|end|>"
          "<|start|>assistant<|channel|>analysis<|message|>")
-# The adapter is the same fp32 tensors in both processes and PEFT applies it the same way: measured
-# difference 0.0 (bitwise). 1e-6 leaves room only for thread-order rounding in fp32 matmuls.
-PEFT_ATOL = 1e-6
-# merged-16bit rounds every merged weight to 16 bits (relative error <= eps/2: fp16 eps 2^-10 on a CPU
-# without bf16, bf16 eps 2^-7 otherwise) and the reload computes in that dtype. Measured with fp16 on this
-# run: 1.1e-3 on logits up to ~1.5 in magnitude. Allowed: 4 eps x the largest |logit| (fp16: ~5.7e-3),
-# which still fails on a missing adapter: the base model's logits are ~1.5 away from the tuned ones.
+# The exactness tests run twice: with the weights pinned to float32 (where exactness is the point) and in
+# bfloat16 (what the CPU path picks on a CPU with native bf16, and what GPUs train in).
+# float32: the adapter is the same fp32 tensors in both processes and PEFT applies it the same way:
+# measured difference 0.0 (bitwise); 1e-6 leaves room only for thread-order rounding in fp32 matmuls.
+# bfloat16: Unsloth's CPU forward and plain transformers' round in different places; allowed: a few bf16
+# roundings of the largest logit (precision_atol), which a missing adapter still exceeds.
+PEFT_ATOL = {"float32": 1e-6}
+DTYPES = ("float32", "bfloat16")
+# merged-16bit rounds every merged weight to 16 bits (relative error <= eps/2: fp16 eps 2^-10, bf16 eps
+# 2^-7) and the reload computes in that dtype. Measured with fp16 on an fp32 run: 1.1e-3 on logits up to
+# ~1.5 in magnitude. Allowed: 4 eps x the largest |logit| (fp16: ~5.7e-3), which still fails on a missing
+# adapter: the base model's logits are ~1.5 away from the tuned ones.
 MERGED_EPS_FACTOR = 4
+_TRAINED: dict[str, tuple[Path, dict]] = {}
 
 
 def cli(*args, env=None, timeout=300):
@@ -38,34 +45,44 @@ def cli(*args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def trained_and_exported(tmp_path_factory, dtype: str) -> tuple[Path, dict]:
+    """A 4-step run of the embedded default with its weights in `dtype`, exported as lora and
+    merged-16bit (once per test module and dtype)."""
+    if dtype not in _TRAINED:
+        run_dir = tmp_path_factory.mktemp(f"export-{dtype}") / "run"
+        proc = cli("train", "--config", "configs/embedded.yaml", "--output", str(run_dir), "train.max_steps=4",
+                   "train.warmup_steps=0", "train.batch_size=2", "eval.enabled=false", f"model.dtype={dtype}")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        written = {}
+        for fmt in ("lora", "merged-16bit"):
+            proc = cli("export", "--run", str(run_dir), "--format", fmt)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            written[fmt] = run_dir / "export" / fmt
+            assert f"export: {fmt} written to" in proc.stderr
+        _TRAINED[dtype] = (run_dir, written)
+    return _TRAINED[dtype]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    proc = cli("train", "--config", "configs/embedded.yaml", "--output", str(run_dir), "train.max_steps=4",
-               "train.warmup_steps=0", "train.batch_size=2", "eval.enabled=false")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return run_dir
+    return trained_and_exported(tmp_path_factory, "float32")[0]
 
 
 @pytest.fixture(scope="module")
-def exported(run):
-    folders = {}
-    for fmt in ("lora", "merged-16bit"):
-        proc = cli("export", "--run", str(run), "--format", fmt)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        folders[fmt] = run / "export" / fmt
-        assert f"export: {fmt} written to" in proc.stderr
-    return folders
+def exported(tmp_path_factory):
+    return trained_and_exported(tmp_path_factory, "float32")[1]
 
 
-@pytest.fixture(scope="module")
-def logits(run, exported, tmp_path_factory):
+@pytest.fixture(scope="module", params=DTYPES)
+def logits(request, tmp_path_factory):
     """Logits of PROBE: lowvram_ft's own load (Unsloth + our adapter attach) in one process; the
     exported lora with plain PEFT, the merged model with plain transformers and the bare base in
-    another that never imports Unsloth."""
+    another that never imports Unsloth — all in the run's dtype."""
     import torch
 
-    out = tmp_path_factory.mktemp("logits")
+    dtype = request.param
+    run, exported = trained_and_exported(tmp_path_factory, dtype)
+    out = tmp_path_factory.mktemp(f"logits-{dtype}")
     ours = f"""
         import sys, torch
         from pathlib import Path
@@ -74,6 +91,7 @@ def logits(run, exported, tmp_path_factory):
         import_unsloth()
         cfg = run_config(Path({str(run)!r}), [])
         model, tok = load_model(cfg, detect_device())
+        assert str(model.dtype) == "torch.{dtype}", model.dtype
         model = attach_adapter(model, {str(run / 'adapter')!r}).eval()
         ids = tok({PROBE!r}, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -88,7 +106,7 @@ def logits(run, exported, tmp_path_factory):
         base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
         result = {{}}
         with torch.no_grad():
-            model = AutoModelForCausalLM.from_pretrained(base).eval()
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.{dtype}).eval()
             result["base"] = model(input_ids=ids).logits.float()
             result["peft"] = PeftModel.from_pretrained(model, lora).eval()(input_ids=ids).logits.float()
             model = AutoModelForCausalLM.from_pretrained(merged).eval()
@@ -101,7 +119,7 @@ def logits(run, exported, tmp_path_factory):
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=ENV,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    return {**torch.load(out / "ours.pt"), **torch.load(out / "plain.pt")}
+    return {"dtype": dtype, **torch.load(out / "ours.pt"), **torch.load(out / "plain.pt")}
 
 
 # --------------------------------------------------------------------------- reloading outside lowvram_ft
@@ -112,9 +130,10 @@ def test_lora_export_reloads_with_plain_peft_and_reproduces_our_logits(logits):
 
     ours, peft = logits["logits"], logits["peft"]
     assert ours.shape == peft.shape
-    assert torch.allclose(peft, ours, rtol=0, atol=PEFT_ATOL), f"max diff {(peft - ours).abs().max():.3g}"
+    atol = PEFT_ATOL.get(logits["dtype"]) or precision_atol(logits["dtype"], ours.abs().max().item())
+    assert torch.allclose(peft, ours, rtol=0, atol=atol), f"max diff {(peft - ours).abs().max():.3g} > {atol:.3g}"
     # The comparison can fail: without the adapter the logits are far away.
-    assert (logits["base"] - ours).abs().max() > 0.1
+    assert (logits["base"] - ours).abs().max() > max(0.1, 2 * atol)
 
 
 def test_merged_16bit_export_reloads_with_plain_transformers_within_16_bit_rounding(logits):

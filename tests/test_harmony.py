@@ -107,6 +107,15 @@ CONVERSATIONS = {
         user("  spaced  \n\n"),
         assistant("\n  final with\ttabs  ", "  thinking\n\n  "),
     ),
+    "blank_lines_in_every_role": conv(  # message text is kept verbatim, trailing blank lines included
+        Message("system", "reasoning language: Italian\n\n"),
+        Message("developer", "\n\nUse metric units.  \n\n\n"),
+        user("Quanto è lunga una maratona?\n\n"),
+        assistant("42,195 km.\n\n", "Distanza della maratona.\n\n"),
+        user("  E una mezza maratona? \n"),
+        assistant("\n21,0975 km.\n\n", "La metà: 21,0975 km.  \n\n"),
+        language="Italian",
+    ),
 }
 for _effort in ("low", "medium", "high"):
     CONVERSATIONS[f"effort_{_effort}"] = conv(
@@ -195,6 +204,17 @@ def test_exact_text_of_a_multi_turn_conversation():
     assert render_prompt(c) == system + (
         "<|start|>user<|message|>A?<|end|><|start|>assistant<|channel|>final<|message|>a<|end|>"
         "<|start|>user<|message|>B?<|end|><|start|>assistant")
+
+
+def test_message_text_is_kept_verbatim():
+    c = conv(Message("system", "reasoning language: Italian\n\n"), user("Ciao \n\n"),
+             assistant("Ciao!\n\n", "Saluto.\n\n"))
+    assert "".join(text for text, _ in render_training(c)) == (
+        SYSTEM_TEXT
+        + "<|start|>developer<|message|># Instructions\n\nreasoning language: Italian\n\n<|end|>"
+        + "<|start|>user<|message|>Ciao \n\n<|end|>"
+        + "<|start|>assistant<|channel|>analysis<|message|>Saluto.\n\n<|end|>"
+        + "<|start|>assistant<|channel|>final<|message|>Ciao!\n\n<|return|>")
 
 
 def test_options_change_the_system_message():
@@ -350,3 +370,30 @@ def test_chat_template_takes_options_and_overrides():
 def test_unrenderable_conversations_are_refused(render, bad, match):
     with pytest.raises(ValueError, match=match):
         render(bad)
+
+
+@pytest.mark.parametrize("system, developer", [
+    ("reasoning language: Italian\n\n", "reasoning language: Italian"),
+    ("reasoning language: Italian\nBe brief.\n", "reasoning language: Italian\n\nBe brief.\n"),
+    ("reasoning language: Italian\n\n\nBe brief.", "reasoning language: Italian\n\nBe brief."),
+    ("Be brief.\n\n", "Be brief.\n\n"),  # no language line: verbatim
+])
+def test_the_one_normalisation_of_a_data_row_is_the_language_line_separator(tokenizer, harmony, system, developer):
+    """A row's 'reasoning language: X' line is lifted out and written back followed by one blank line
+    (data.extract_language_line); everything else stays verbatim. The row renders token for token as
+    openai-harmony renders the normalised developer text."""
+    from openai_harmony import RenderConversationConfig
+
+    from lowvram_ft.data import Issues, parse_messages
+
+    row = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Ciao"},
+                        {"role": "assistant", "content": "Ciao!", "thinking": "Saluto."}]}
+    issues = Issues()
+    parsed = parse_messages(row, issues)
+    assert not issues
+    ours = "".join(text for text, _ in render_training(parsed))
+    assert f"<|start|>developer<|message|># Instructions\n\n{developer}<|end|>" in ours
+    reference = to_openai_harmony(conv(Message("developer", developer), user("Ciao"), assistant("Ciao!", "Saluto.")),
+                                  HarmonyOptions())
+    want = harmony.render_conversation_for_training(reference, RenderConversationConfig(auto_drop_analysis=False))
+    assert tokenizer(ours, add_special_tokens=False)["input_ids"] == list(want)

@@ -443,16 +443,40 @@ def test_recommended_overrides_load_in_the_real_config():
     for r in recs:
         after = plan.plan_input_from_config(load_config(None, base + list(r.overrides)), inp.model_config)
         assert predict(after, T4_GIB).total_gib == pytest.approx(r.peak_gib)
-    fits, text = plan.fit_check(cfg, T4_GIB)
-    assert not fits
-    assert text.splitlines()[0].startswith("estimated peak") and "does not fit" in text.splitlines()[0]
-    assert "1. " in text
+    decision = plan.decide_fit(load_config(None, [*base, "train.fit=warn"]), T4_GIB)
+    assert decision.action == "warn" and decision.lines()[0].startswith("estimated peak")
+    assert "1. " in decision.report
 
 
 def test_fit_check_sizes_the_embedded_model_and_skips_unknown_ones(monkeypatch):
     from lowvram_ft.config import load_config
 
-    fits, text = plan.fit_check(load_config(None, []), 8.0)
-    assert fits and "gpt_oss" in text
+    assert plan.decide_fit(load_config(None, []), 8.0).action == "fits"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert plan.fit_check(load_config(None, ["model.name=someone/not-bundled-7b"]), 8.0) is None
+    assert plan.decide_fit(load_config(None, ["model.name=someone/not-bundled-7b"]), 8.0) is None
+
+
+def test_a_broken_config_json_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "config.json"
+    good = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100}
+    for config, key in (([good], "expected a JSON object, got a list"),
+                        ({**good, "hidden_size": "big"}, "hidden_size: got 'big'; expected a positive integer"),
+                        ({**good, "hidden_size": -64}, "hidden_size: got -64; expected a positive integer"),
+                        ({**good, "num_key_value_heads": True}, "num_key_value_heads: got True"),
+                        ({"text_config": [good]}, "text_config: got a list; expected an object")):
+        path.write_text(json.dumps(config))
+        with pytest.raises(PlanError) as error:
+            plan.resolve_model_config(str(tmp_path))
+        assert str(error.value).startswith(f"{path}: ") and key in str(error.value)
+        assert "\n" not in str(error.value)
+    with pytest.raises(PlanError, match=r"^config.json: intermediate_size: got -1; expected a positive integer"):
+        plan.model_shape({**good, "intermediate_size": -1})
+
+
+@pytest.mark.parametrize("vram", [-5.0, 0.0, math.nan, math.inf])
+def test_plan_rejects_a_vram_that_is_not_a_positive_number(vram, capsys):
+    from lowvram_ft.config import load_config
+
+    assert plan.run(load_config(None, []), vram_gib=vram) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --vram: got {vram}; expected the GPU's memory in GiB, a positive number (e.g. 16)\n"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import EPS
 
 from lowvram_ft import checkpoint
 from lowvram_ft.config import load_config, to_dict, to_yaml
@@ -126,6 +127,41 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     assert summary["trained_tokens"] == want_log[-1]["tokens"]
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, *SHORT, fault="kill@step=10")
+    assert proc.returncode == -signal.SIGKILL and steps_of(run_dir) == [4, 8]
+    optimizer = run_dir / "checkpoints" / "checkpoint-8" / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
+    optimizer.write_bytes(bytes(data))
+
+    proc = train(run_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = squeeze(proc.stdout)
+    assert "checkpoint-4(step4)" in out and "passedoverdamagedorincompletecheckpoint-8(optimizer.ptdoesnotmatchitschecksum)" in out
+    assert "Traceback" not in proc.stderr
+    dtype = json.loads((run_dir / "summary.json").read_text())["compute_dtype"]
+    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx([r["loss"] for r in metrics(reference)],
+                                                                  rel=max(1e-6, EPS[dtype] / 4))
+
+
+def test_a_truncated_file_makes_a_checkpoint_incomplete_and_the_older_one_is_used(tmp_path):
+    run_dir = fake_run(tmp_path, steps=(4, 8))
+    for step in (4, 8):
+        folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+        (folder / "optimizer.pt").write_bytes(b"\0" * 5000)
+        (folder / checkpoint.STATE_FILE).write_text(json.dumps({"files": checkpoint.file_manifest(folder)}))
+    with open(run_dir / "checkpoints" / "checkpoint-8" / "optimizer.pt", "r+b") as handle:
+        handle.truncate(1000)
+    latest = checkpoint.resume_point(run_dir)
+    assert latest.step == 4 and latest.skipped == ("checkpoint-8 (optimizer.pt has 1,000 bytes, 5000 were written)",)
+    with open(run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt", "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(checkpoint.ResumeError, match="no intact checkpoint to resume from .*damaged: checkpoint-4"):
+        checkpoint.resume_point(run_dir)
+
+
 def test_sigint_and_sigterm_finish_the_step_checkpoint_and_say_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     long = [a if a != "train.max_steps=12" else "train.max_steps=500" for a in SHORT]
@@ -177,7 +213,10 @@ def test_out_of_memory_in_training_gives_advice_exit_3_and_a_resumable_checkpoin
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = metrics(reference), metrics(run_dir)
     assert [r["step"] for r in got] == list(range(1, 13))
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    # Micro-batches of 2 instead of 4 sum the same rows in another order: fp32 agrees to ~1e-7, bf16
+    # (a CPU with native bf16) to a fraction of one bf16 rounding (measured 2e-4 relative).
+    dtype = json.loads((run_dir / "summary.json").read_text())["compute_dtype"]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=max(1e-5, EPS[dtype] / 4))
 
 
 # --------------------------------------------------------------------------- refusals (no model is loaded)

@@ -211,10 +211,80 @@ def test_identify_sentence_too_short():
     assert identify_sentence("Se x y e x y allora x e y") is None
 
 
-def test_identify_sentence_script_language_returned_outside_candidates():
-    assert identify_sentence("これは日本語の文です。", candidates=["en", "fr"]) == "ja"
-    assert identify_sentence("Nous devons vérifier le calcul.", candidates=["French"]) == "fr"
-    assert identify_sentence("We need to check the arithmetic.", candidates=["ja"]) == scoring.UNDETERMINED
+def test_identify_sentence_unknown_script_is_undetermined():
+    assert identify_sentence("Սա հայերեն նախադասություն է։") == scoring.UNDETERMINED  # Armenian
+    assert identify_sentence("Nous devons vérifier le calcul.") == "fr"
+
+
+def test_every_latin_language_is_one_py3langid_knows():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    known = set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+    assert scoring.LATIN_IDENTIFIED <= known
+    latin = {code for code, (_name, script) in scoring.LANGUAGES.items() if script == "latin"}
+    assert latin <= scoring.LATIN_IDENTIFIED and set(scoring.LATIN_NEIGHBOURS) <= latin
+
+
+# The same reasoning (how many minutes are three and a half hours) in the trained languages and in the
+# neighbouring languages a model asked for them drifts into.
+MINUTES_TRACES = {
+    "es": ("El usuario quiere saber cuántos minutos hay en tres horas y media. Cada hora tiene sesenta minutos, "
+           "así que tres horas son ciento ochenta minutos. La media hora añade otros treinta minutos. "
+           "Por lo tanto, el total es de doscientos diez minutos. Voy a comprobar la cuenta una vez más antes "
+           "de responder. Todo está bien, puedo dar la respuesta final."),
+    "de": ("Der Nutzer möchte wissen, wie viele Minuten dreieinhalb Stunden sind. Eine Stunde hat sechzig "
+           "Minuten, also sind drei Stunden hundertachtzig Minuten. Die halbe Stunde fügt noch dreißig Minuten "
+           "hinzu. Insgesamt sind es also zweihundertzehn Minuten. Ich prüfe die Rechnung noch einmal, bevor "
+           "ich antworte. Alles stimmt, ich kann die endgültige Antwort geben."),
+    "it": ("L'utente vuole sapere quanti minuti ci sono in tre ore e mezza. Ogni ora ha sessanta minuti, "
+           "perciò tre ore fanno centottanta minuti. La mezz'ora aggiunge altri trenta minuti. "
+           "Quindi il totale è di duecentodieci minuti. Ricontrollo il calcolo ancora una volta prima di "
+           "rispondere. È tutto corretto, posso dare la risposta finale."),
+    "pt": ("O usuário quer saber quantos minutos há em três horas e meia. Cada hora tem sessenta minutos, "
+           "então três horas dão cento e oitenta minutos. A meia hora acrescenta mais trinta minutos. "
+           "Portanto, o total é de duzentos e dez minutos. Vou conferir a conta mais uma vez antes de responder. "
+           "Está tudo certo, posso dar a resposta final."),
+    "gl": ("O usuario quere saber cantos minutos hai en tres horas e media. Cada hora ten sesenta minutos, "
+           "así que tres horas son cento oitenta minutos. A media hora engade outros trinta minutos. "
+           "Polo tanto, o total é de douscentos dez minutos. Vou comprobar a conta unha vez máis antes de "
+           "responder. Todo está ben, podo dar a resposta final."),
+    "ca": ("L'usuari vol saber quants minuts hi ha en tres hores i mitja. Cada hora té seixanta minuts, "
+           "així que tres hores fan cent vuitanta minuts. La mitja hora n'afegeix trenta més. "
+           "Per tant, el total és de dos-cents deu minuts. Tornaré a comprovar el càlcul abans de respondre. "
+           "Tot és correcte, ja puc donar la resposta final."),
+    "nl": ("De gebruiker wil weten hoeveel minuten er in drieënhalf uur zitten. Een uur heeft zestig minuten, "
+           "dus drie uur is honderdtachtig minuten. Het halve uur voegt daar nog dertig minuten aan toe. "
+           "In totaal komt dat dus op tweehonderdtien minuten. Ik controleer de berekening nog een keer "
+           "voordat ik antwoord. Alles klopt, dus ik kan het definitieve antwoord geven."),
+    "ro": ("Utilizatorul vrea să afle câte minute sunt în trei ore și jumătate. O oră are șaizeci de minute, "
+           "deci trei ore înseamnă o sută optzeci de minute. Jumătatea de oră mai adaugă treizeci de minute. "
+           "Prin urmare, totalul este de două sute zece minute. Verific încă o dată calculul înainte să răspund. "
+           "Totul este corect, așa că pot da răspunsul final."),
+}
+
+
+@pytest.mark.parametrize("written_in, asked_for", [
+    ("pt", "es"), ("gl", "es"), ("ca", "es"), ("ca", "it"), ("ca", "fr"), ("ro", "it"), ("nl", "de"),
+    ("gl", "pt"), ("es", "pt"), ("es", "it"),
+])
+def test_reasoning_in_a_neighbouring_language_is_not_a_match(written_in, asked_for):
+    s = score_sample(asked_for, MINUTES_TRACES[written_in], "Three and a half hours are 210 minutes.")
+    assert (s["think_language"], s["think_match"], s["think_share"], s["think_sentences"]) == (
+        written_in, False, 0.0, 6)
+
+
+@pytest.mark.parametrize("language", ["es", "de", "it", "pt", "nl"])  # gl, ca, ro cannot be asked for
+def test_reasoning_in_the_target_language_matches(language):
+    s = score_sample(language, MINUTES_TRACES[language], "Three and a half hours are 210 minutes.")
+    assert (s["think_language"], s["think_match"], s["think_share"], s["think_sentences"]) == (
+        language, True, 1.0, 6)
+
+
+def test_a_neighbour_sentence_counts_against_the_target():
+    drifted = MINUTES_TRACES["es"] + " Acho que a resposta está certa, mas vou verificar de novo."
+    assert identify_text(drifted).counts == {"es": 6, "pt": 1}
+    s = score_sample("es", drifted, None)
+    assert (s["think_match"], s["think_share"]) == (True, pytest.approx(6 / 7))
 
 
 def test_identify_text_mixed_trace_is_not_flipped():
