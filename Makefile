@@ -7,7 +7,7 @@ PIPQ    := --disable-pip-version-check -q
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test smoke bench lock clean gpu-kit
+.PHONY: venv demo test smoke bench lock clean gpu-kit gpu-check
 
 venv: $(STAMP)
 
@@ -16,8 +16,10 @@ venv: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install $(PIPQ) --no-deps -r requirements.lock
-	@# The package itself: a .pth pointing at this checkout (an editable install without a build step).
-	$(BIN)/python -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'lowvram_ft.pth').write_text(str(pathlib.Path.cwd()) + '\\n')"
+	@# The package itself, editable, without resolution (the lock is the set): the `lowvram-ft` command and
+	@# its metadata (importlib.metadata.version("lowvram_ft")); pip builds it with setuptools from the index.
+	@rm -f $$($(BIN)/python -c "import site; print(site.getsitepackages()[0])")/lowvram_ft.pth
+	$(BIN)/pip install $(PIPQ) --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -39,6 +41,12 @@ bench: venv
 # (README, GPU kit). Needs the package index. Another image: make gpu-kit GPU_KIT_ARGS="--python 3.11 --cuda 12".
 gpu-kit: venv
 	$(BIN)/python scripts/gpu_kit.py --out .gpu-kit $(GPU_KIT_ARGS)
+
+# The one prepared GPU verification (README, GPU check): on a GPU machine with this project's venv, or
+# with a PyTorch image plus .gpu-kit/site (no venv needed there). Results: benchmarks/results/<date>-gpu.*
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH="$(CURDIR)/.gpu-kit/site$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) -m lowvram_ft.gpucheck $(GPU_CHECK_ARGS)
 
 # Re-resolve requirements.in in a scratch venv, add unsloth/unsloth_zoo without deps, freeze.
 lock:

@@ -7,18 +7,23 @@ stops the suite. Budget searches (emulated 14-65 GiB cards) are sequences of suc
 go to benchmarks/results/<date>-<device>.jsonl (one line per case, with the environment), a Markdown
 table and a PNG chart. benchmarks/README.md is the protocol; this docstring is the short version.
 
-Two stacks, same model, data, sequence length, batch, LoRA targets, optimizer, learning rate and steps:
+Two stacks, same model shape, data, sequence length, batch, LoRA targets, optimizer, learning rate and
+steps:
 - `lowvram_ft`: lowvram_ft.model / lowvram_ft.train (Unsloth imported first, our defaults: 4-bit on
-  GPU, Unsloth's offloaded gradient checkpointing).
+  GPU, Unsloth's offloaded gradient checkpointing). A random gpt-oss is a checkpoint in the split
+  bnb-4bit layout of unsloth/gpt-oss-20b-unsloth-bnb-4bit, the one users of unsloth/gpt-oss-20b load.
 - `hf`: transformers + peft + TRL's SFTTrainer with no Unsloth in the process (checked), set up like
-  the Hugging Face / OpenAI gpt-oss recipe: bf16 weights (MXFP4 dequantized), eager attention, LoRA on
-  attention and on the experts through PEFT target_parameters; other models 4-bit NF4, double
-  quantization, bf16 compute. On CPU both stacks load 16/32-bit weights.
+  the Hugging Face / OpenAI gpt-oss recipe: bf16 weights (MXFP4 dequantized; a random gpt-oss is built
+  directly in GPU memory from its config, no file), eager attention, LoRA on attention and on the
+  experts through PEFT target_parameters, adapters in float32 as Unsloth keeps them; other models 4-bit
+  NF4, double quantization, bf16 compute. On CPU both stacks load 16/32-bit weights.
+Both case processes run with the same caching-allocator setting (`allocator_setting`).
 
 Measured per case, between device syncs with warm-up steps excluded: step times, tokens/s (trained,
-non-padding tokens: every row is exactly seq_len tokens), peak allocated / reserved (torch, reset after
-loading), peak device memory seen by NVML (sampled every 10 ms), model-load memory, MFU, the losses of
-the first steps and the trainable parameter count. On CPU: peak RSS instead of device memory.
+non-padding tokens: every row is exactly seq_len tokens), memory.py's FIELDS for a "load" and a "train"
+phase (peaks reset after loading, before training, as in train runs), MFU, the losses, the trainable
+parameter count, what was loaded (`gptoss_checkpoint.describe_loaded`: a 4-bit case whose experts are
+not 4-bit is "invalid"), and what ran: the attention implementation and the MoE experts' path.
 
 MFU = tokens/s x training FLOPs per token / the GPU's peak dense bf16 FLOP/s, with
 training FLOPs per token = 6 x active parameters + 12 x sum over layers of heads x head_dim x T_eff
@@ -39,13 +44,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
+
+from .gptoss_checkpoint import build_split_checkpoint, describe_loaded
+from .memory import FIELDS, MemoryMonitor, peak_figures, reset_peaks, rss_reader
+from .model import emulated_card_fraction
 
 STACKS = ("lowvram_ft", "hf")
 CASES_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "cases"
@@ -53,9 +61,13 @@ DEFAULT_MATRIX = {"cpu": CASES_DIR / "cpu.yaml", "cuda": CASES_DIR / "gpu.yaml"}
 DEFAULT_OUT_DIR = "benchmarks/results"
 LOG_ROOT = Path("runs") / "bench"  # per-case logs and case files (git-ignored)
 GIB = 2**30
-MONITOR_INTERVAL_S = 0.01
-HEARTBEAT_INTERVAL_S = 0.5
-STATUSES = ("ok", "OOM", "timeout", "error")
+# invalid: the case ran, but not on what it asked for (a 4-bit case whose experts loaded unquantized);
+# its figures are left out of every comparison.
+STATUSES = ("ok", "OOM", "timeout", "error", "invalid")
+# What unsloth_zoo sets at import when the user set nothing; the hf stack gets it too (allocator_setting).
+DEFAULT_ALLOCATOR_CONF = "expandable_segments:True"
+# Per-expert modules of a split MoE layout (gpt-oss bnb-4bit): called one by one only by the per-expert loop.
+PER_EXPERT_MODULE = re.compile(r"\.experts\.(gate_up_projs|down_projs)\.\d+$")
 SAMPLE_FILE = Path(__file__).parent / "assets" / "sample_train.jsonl"
 
 # Peak dense bf16 tensor FLOP/s (FP32 accumulate, no sparsity) from NVIDIA's data sheets, matched in
@@ -73,22 +85,31 @@ PEAK_BF16_TFLOPS = (
     ("RTX 4090", 165.2),
 )
 
-# Random-weight models built locally (speed and memory do not depend on the weight values). The shape
-# comes from the bundled config.json; `changes` are applied on top.
+# Random-weight models (speed and memory do not depend on the weight values). The shape comes from the
+# bundled config.json, `changes` on top. `checkpoint`: the layout of the folder built once per run for
+# the stacks that load one ("split-bnb4": gptoss_checkpoint's split bnb-4bit layout, what Unsloth loads
+# for unsloth/gpt-oss-20b in 4-bit; "bf16": save_pretrained of random bf16 weights, quantized on load).
+# `hf`: "in-memory" when the hf stack's recipe is bf16 and needs no file (weights created on the GPU in
+# the case process), "checkpoint" when it quantizes while loading (NF4 for dense models).
 RANDOM_MODELS = {
     "gpt-oss-20b-random": {
         "config": "gpt-oss-20b.json",
         "changes": {},
-        "about": "gpt-oss-20b shape (24 layers, 32 experts top-4, hidden 2880), random bf16 weights",
+        "checkpoint": "split-bnb4",
+        "hf": "in-memory",
+        "about": "gpt-oss-20b shape (24 layers, 32 experts top-4, hidden 2880), random weights",
     },
     "dense-8b-random": {
         "config": "Qwen3-8B.json",
         # The offline tokenizer is o200k_harmony, so the vocabulary is gpt-oss's (201,088 rows instead
         # of Qwen3's 151,936: +0.4B parameters in embedding and head).
         "changes": {"vocab_size": 201088, "bos_token_id": 199998, "eos_token_id": 200002, "pad_token_id": 199999},
+        "checkpoint": "bf16",
+        "hf": "checkpoint",
         "about": "Qwen3-8B layers (36 x 4096, GQA 32/8, MLP 12288) with the o200k_harmony vocabulary, random bf16 weights",
     },
 }
+ROUTES = ("folder", "split-bnb4", "bf16", "in-memory")
 
 
 class BenchError(ValueError):
@@ -119,7 +140,7 @@ class Case:
     budget_gib: float | None = None   # emulated card: cap this process's CUDA memory
     timeout_s: int = 900
     search: str = ""                  # "" | "longest_seq" | "fastest": why the case ran
-    model_path: str = ""              # resolved by the runner
+    model_path: str = ""              # resolved by the runner ("" for a model built in memory)
 
     @property
     def setting(self) -> str:
@@ -369,15 +390,6 @@ def peak_bf16_flops(gpu_name: str | None) -> float | None:
     return None
 
 
-def budget_fraction(budget_gib: float, total_bytes: int, context_bytes: int = 0) -> float:
-    """torch.cuda.set_per_process_memory_fraction value that emulates a card of budget_gib: the CUDA
-    context (outside torch's allocator) lives on a real card too, so it is taken off the budget."""
-    if budget_gib <= 0 or total_bytes <= 0:
-        raise BenchError(f"budget {budget_gib} GiB on a device of {total_bytes} bytes: both must be positive")
-    usable = budget_gib * GIB - context_bytes
-    return min(max(usable / total_bytes, 0.0), 1.0)
-
-
 def loss_max_abs_diff(a: Sequence[float], b: Sequence[float], steps: int | None = None) -> float | None:
     """Largest |a_i - b_i| over the first `steps` (default: all common) logged losses."""
     n = min(len(a), len(b)) if steps is None else min(len(a), len(b), steps)
@@ -426,6 +438,91 @@ def fastest(records: Iterable[dict]) -> dict | None:
     return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
 
 
+def classify_loaded(requested_bits: str, loaded: dict | None) -> tuple[str, str | None]:
+    """("ok", None), or ("invalid", why) when what loaded is not what the case asked for: a 4-bit case
+    whose expert weights are not all 4-bit (Unsloth's fused quantize-while-loading path can leave them
+    16-bit with only a warning) or in which nothing is 4-bit measured another model than users run.
+    `loaded` is gptoss_checkpoint.describe_loaded's report."""
+    if requested_bits != "4bit" or loaded is None:
+        return "ok", None
+    experts, experts_4bit = loaded["expert_weights"], loaded["expert_weights_4bit"]
+    held = parameters_text(loaded["parameters_by_dtype"])
+    if experts and not loaded["experts_4bit"]:
+        return "invalid", (f"asked for 4-bit weights, but {experts - experts_4bit} of {experts} expert weights "
+                           f"loaded unquantized (parameters: {held}) — not the model users train")
+    if not loaded["params4bit"]:
+        return "invalid", f"asked for 4-bit weights, but no weight loaded as 4-bit (parameters: {held})"
+    return "ok", None
+
+
+def moe_path_summary(moe: dict | None) -> str | None:
+    """What the MoE experts ran on, in a few words, from moe_path's facts; None for a dense model."""
+    if moe is None:
+        return None
+    if moe["per_expert_modules"]:  # split layout: the loop calls the per-expert modules, the grouped path never
+        if moe["per_expert_calls"] is None:
+            return "not run"
+        return "per-expert loop" if moe["per_expert_calls"] else "grouped (stacked 4-bit experts)"
+    forward, implementation = moe["experts_forward"] or "", moe["experts_implementation"]
+    if "loop" in forward:
+        return "per-expert loop"
+    if "grouped_mm" in forward or implementation == "grouped_mm":
+        return "grouped_mm" if moe["grouped_mm_available"] else "per-expert loop (no grouped_mm in torch)"
+    if implementation in (None, "eager"):
+        return "per-expert loop (eager)"
+    return implementation
+
+
+def attention_summary(attention: dict | None) -> str | None:
+    """The attention that ran in training: Unsloth's gpt-oss forward (installed with
+    UNSLOTH_ENABLE_FLEX_ATTENTION=1) trains with flex attention plus sinks whatever the config says;
+    anything else runs the config's implementation."""
+    if attention is None:
+        return None
+    if attention["forward"].startswith("unsloth") and attention["unsloth_flex_attention"]:
+        return "flex_attention_with_sink (Unsloth)"
+    return attention["implementation"]
+
+
+def allocator_setting(environ: Mapping[str, str], torch_version: tuple[int, int]) -> dict:
+    """The caching-allocator setting both stacks run with, for the case process to put in its
+    environment before it imports torch: the user's (PYTORCH_ALLOC_CONF, else PYTORCH_CUDA_ALLOC_CONF),
+    else expandable_segments:True, which unsloth_zoo sets at import when the user set none (and then
+    keeps any setting it finds), so the hf stack gets it too. torch >= 2.10 reads PYTORCH_ALLOC_CONF
+    (the CUDA name is deprecated there, and unsloth_zoo deletes it in its own process only); older torch
+    reads PYTORCH_CUDA_ALLOC_CONF."""
+    user = environ.get("PYTORCH_ALLOC_CONF") or environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    variable = "PYTORCH_ALLOC_CONF" if torch_version >= (2, 10) else "PYTORCH_CUDA_ALLOC_CONF"
+    return {"variable": variable, "value": user or DEFAULT_ALLOCATOR_CONF, "source": "user" if user else "bench"}
+
+
+def apply_allocator_setting(setting: dict, environ: MutableMapping[str, str]) -> None:
+    environ[setting["variable"]] = setting["value"]
+    if setting["variable"] == "PYTORCH_ALLOC_CONF":
+        environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+
+
+def model_route(case: Case) -> str:
+    """Where the case's stack gets its model (one of ROUTES): "folder" (the embedded model or a local
+    folder), a random checkpoint built once per run in the layout this stack loads ("split-bnb4",
+    "bf16"), or "in-memory" (random weights created on the device inside the case process, no file)."""
+    spec = RANDOM_MODELS.get(case.model)
+    if spec is None:
+        return "folder"
+    if case.stack == "hf" and spec["hf"] == "in-memory":
+        return "in-memory"
+    return spec["checkpoint"]
+
+
+def train_memory(record: dict, field: str) -> float | None:
+    """A training-phase memory figure (memory.FIELDS) of a result line. Lines written before the
+    load/train blocks (flat peak_* keys, NVML as peak_nvml_gib) read the same."""
+    phase = (record.get("memory") or {}).get("train") or {}
+    if phase.get(field) is not None:
+        return phase[field]
+    return record.get(field, record.get({"device_peak_gib": "peak_nvml_gib"}.get(field, ""), None))
+
+
 def failure_record(case: Case, status: str, reason: str, memory: dict | None = None) -> dict:
     """The result line of a case that did not finish: status OOM / timeout / error, why, and the memory
     seen when it failed (GiB). Same keys as a finished case, figures None."""
@@ -440,9 +537,10 @@ def failure_record(case: Case, status: str, reason: str, memory: dict | None = N
 def empty_figures() -> dict:
     return {
         "status": None, "error": None, "memory_at_failure_gib": {},
-        "load_gib": None, "peak_allocated_gib": None, "peak_reserved_gib": None, "peak_nvml_gib": None,
-        "peak_rss_gib": None, "step_times_s": [], "median_step_s": None, "tokens_per_step": None,
-        "tokens_per_s": None, "flops_per_token": None, "mfu": None, "losses": [], "trainable_parameters": None,
+        "load_gib": None, "memory": {"load": dict.fromkeys(FIELDS), "train": dict.fromkeys(FIELDS)},
+        "step_times_s": [], "median_step_s": None, "tokens_per_step": None, "tokens_per_s": None,
+        "flops_per_token": None, "mfu": None, "losses": [], "trainable_parameters": None, "adapter_dtypes": None,
+        "loaded": None, "attention": None, "moe": None, "allocator": None,
         "unsloth_imported": None, "load_average": None,
     }
 
@@ -474,8 +572,9 @@ def markdown_report(records: list[dict], env: dict) -> str:
     title = f"# Benchmark — {env['date']}, {env['device']['name']}"
     if gpu:
         note = ("GPU figures. Memory in GiB: peak allocated / reserved by torch during training (reset after "
-                "loading), peak device memory seen by NVML during training (whole device, CUDA context "
-                "included), load = allocated after loading the model and adding LoRA. tokens/s = trained tokens "
+                "loading), device peak = the device's used memory seen by NVML during training (whole device, "
+                "CUDA context included), load = allocated after loading the model and adding LoRA. Both stacks "
+                "ran with the allocator setting shown under 'What ran'. tokens/s = trained tokens "
                 "per step / median step time, warm-up steps excluded, steps timed between "
                 "torch.cuda.synchronize() calls. MFU against "
                 f"{fmt(env.get('peak_tflops'), '.0f')} TFLOP/s dense bf16 (formula: benchmarks/README.md).")
@@ -494,8 +593,16 @@ def markdown_report(records: list[dict], env: dict) -> str:
         lines += ["", "## Emulated budgets", "",
                   f"Budgets are emulated on one {env['device']['name']} ({fmt(env['device'].get('total_gib'), '.1f')} GiB) "
                   "with torch.cuda.set_per_process_memory_fraction, minus the measured CUDA context: not "
-                  "measured on cards of that size.", ""]
+                  "measured on cards of that size. Unsloth sizes its loss chunks (and offload buffers) from "
+                  "torch.cuda.mem_get_info, which a per-process memory cap does not change: on a real card of "
+                  "that size those chunks would be smaller.", ""]
         lines += budget_table(searched)
+    lines += ["", "## What ran", ""] + compute_path_table(records)
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Not measured", "", "Cases that did not train (OOM, timeout, error) or trained on other "
+                  "weights than they asked for (invalid), and why; none of them has figures above.", ""]
+        lines += failure_table(failed)
     return "\n".join(lines) + "\n"
 
 
@@ -515,24 +622,61 @@ def busy_warning(records: list[dict], env: dict) -> str | None:
 def case_table(records: list[dict], gpu: bool) -> list[str]:
     if gpu:
         head = ["setting", "stack", "status", "tokens/s", "median step s", "peak alloc", "peak reserved",
-                "NVML peak", "load", "MFU", "trainable", "first losses"]
+                "device peak", "load", "MFU", "trainable", "first losses"]
     else:
         head = ["setting", "stack", "status", "tokens/s", "median step s", "peak RSS", "load", "trainable",
                 "first losses"]
     rows = []
     for r in records:
-        status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
+        if r["status"] != "ok":  # no figure of a case that did not train what it names ("Not measured" says why)
+            rows.append([r["setting"], r["stack"], f"**{r['status']}**"] + ["—"] * (len(head) - 3))
+            continue
         trainable = (r.get("trainable_parameters") or {}).get("trainable")
         losses = ", ".join(f"{x:.4f}" for x in r.get("losses", [])[:3]) or "—"
-        cells = [r["setting"], r["stack"], status, fmt(r["tokens_per_s"], ",.0f"), fmt(r["median_step_s"], ".3f")]
+        cells = [r["setting"], r["stack"], "ok", fmt(r["tokens_per_s"], ",.0f"), fmt(r["median_step_s"], ".3f")]
         if gpu:
-            cells += [fmt(r["peak_allocated_gib"]), fmt(r["peak_reserved_gib"]), fmt(r["peak_nvml_gib"]),
-                      fmt(r["load_gib"]), "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
+            cells += [fmt(train_memory(r, "peak_allocated_gib")), fmt(train_memory(r, "peak_reserved_gib")),
+                      fmt(train_memory(r, "device_peak_gib")), fmt(r["load_gib"]),
+                      "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
         else:
-            cells += [fmt(r["peak_rss_gib"]), fmt(r["load_gib"])]
+            cells += [fmt(train_memory(r, "peak_rss_gib")), fmt(r["load_gib"])]
         cells += [fmt(trainable, ",d"), losses]
         rows.append(cells)
     return markdown_rows(head, rows)
+
+
+def compute_path_table(records: list[dict]) -> list[str]:
+    """Per case: what loaded, the attention and MoE path that ran, and the allocator setting."""
+    head = ["setting", "stack", "weights loaded", "attention", "MoE path", "MoE backend", "allocator"]
+    rows = []
+    for r in records:
+        moe = r.get("moe") or {}
+        allocator = r.get("allocator") or {}
+        rows.append([r["setting"], r["stack"], loaded_summary(r.get("loaded")),
+                     attention_summary(r.get("attention")) or "—", moe.get("path") or "—",
+                     moe.get("backend") or "—", f"{allocator.get('variable')}={allocator.get('value')}" if allocator else "—"])
+    return markdown_rows(head, rows)
+
+
+def loaded_summary(loaded: dict | None) -> str:
+    """'nf4 11.3B, bfloat16 1.6B; expert weights 4-bit: 1536/1536' from describe_loaded's report."""
+    if not loaded:
+        return "—"
+    text = parameters_text(loaded["parameters_by_dtype"])
+    if loaded["expert_weights"]:
+        text += f"; expert weights 4-bit: {loaded['expert_weights_4bit']}/{loaded['expert_weights']}"
+    return text
+
+
+def parameters_text(by_dtype: dict[str, int]) -> str:
+    """{'nf4': 11_300_000_000, 'float32': 1_130_000} -> 'nf4 11.3B, float32 1.13M'."""
+    return ", ".join(f"{name} {count / 1e9:.3g}B" if count >= 1e9 else f"{name} {count / 1e6:.3g}M"
+                     for name, count in by_dtype.items())
+
+
+def failure_table(records: list[dict]) -> list[str]:
+    rows = [[r["setting"], r["stack"], r["status"], str(r.get("error") or "—").replace("|", "/")[:300]] for r in records]
+    return markdown_rows(["setting", "stack", "status", "why"], rows)
 
 
 def comparison_table(records: list[dict], gpu: bool) -> list[str]:
@@ -542,11 +686,11 @@ def comparison_table(records: list[dict], gpu: bool) -> list[str]:
     rows = []
     for setting, pair in paired(records).items():
         ours, hf = pair.get("lowvram_ft"), pair.get("hf")
-        if not ours or not hf:
+        if not ours or not hf or "invalid" in (ours["status"], hf["status"]):
             continue
         key = "peak_reserved_gib" if gpu else "peak_rss_gib"
         speed = ratio(ours["tokens_per_s"], hf["tokens_per_s"])
-        mem = ratio(ours[key], hf[key])
+        mem = ratio(train_memory(ours, key), train_memory(hf, key))
         counts = [(r.get("trainable_parameters") or {}).get("trainable") for r in (ours, hf)]
         equal = "—" if None in counts else ("yes" if counts[0] == counts[1] else f"no ({counts[0]:,} vs {counts[1]:,})")
         rows.append([setting, fmt(speed, ".2f") + ("x" if speed else ""), fmt(mem, ".2f") + ("x" if mem else ""),
@@ -608,7 +752,7 @@ def bench_chart(records: list[dict], env: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s (trained tokens)"), (axes[1], memory_key, memory_label)):
         for k, stack in enumerate(STACKS):
             xs = [i + (k - 0.5) * 0.4 for i in range(len(settings))]
-            values = [(pairs[s].get(stack) or {}).get(key) or 0.0 for s in settings]
+            values = [chart_value(pairs[s].get(stack), key) for s in settings]
             bars = ax.bar(xs, values, 0.4, label=stack)
             for bar, s in zip(bars, settings):
                 status = (pairs[s].get(stack) or {}).get("status")
@@ -625,6 +769,14 @@ def bench_chart(records: list[dict], env: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def chart_value(record: dict | None, key: str) -> float:
+    """A bar's height: 0 for a missing, failed or invalid case (annotated with its status instead)."""
+    if not record or record["status"] != "ok":
+        return 0.0
+    value = record.get(key) if key == "tokens_per_s" else train_memory(record, key)
+    return value or 0.0
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -758,7 +910,7 @@ def select(matrix: Matrix, only: Sequence[str] | None, budgets: str | Sequence[f
 def run_case(case: Case, models: "ModelStore", device: dict, log_dir: Path, console, position: str = "") -> dict:
     """Run one case in a fresh process with a timeout; always returns its result record."""
     try:
-        case = dataclasses.replace(case, model_path=models.path_for(case.model))
+        case = dataclasses.replace(case, model_path=models.path_for(case))
     except BenchError as error:
         log(console, f"case {position} {case.name}: error: {error}")
         return failure_record(case, "error", str(error))
@@ -849,7 +1001,7 @@ def summarize(raw: dict, case: Case, device: dict) -> dict:
     record["median_step_s"] = median_step_s(times, warmup)
     if raw.get("tokens_per_step"):
         record["tokens_per_s"] = tokens_per_second(times, raw["tokens_per_step"], warmup)
-    config = model_config(case.model_path)
+    config = case_config(case)
     active = active_parameters(config)
     if active is not None:
         record["flops_per_token"] = training_flops_per_token(active, case.seq_len, attention_layers(config))
@@ -860,7 +1012,18 @@ def summarize(raw: dict, case: Case, device: dict) -> dict:
 
 
 def model_config(model_path: str) -> dict:
+    """A folder's config.json ({} without one; "" is a model built in memory)."""
+    if not model_path:
+        return {}
     return read_json(Path(model_path) / "config.json") or {}
+
+
+def case_config(case: Case) -> dict:
+    """config.json of the case's model: a random model's shape (whichever way its stack gets it), else
+    its folder's."""
+    if case.model in RANDOM_MODELS:
+        return random_model_config(case.model)
+    return model_config(case.model_path)
 
 
 def active_parameters(config: dict) -> int | None:
@@ -881,7 +1044,7 @@ def predicted_peak_gib(case: Case, device: dict) -> float | None:
     try:
         from .plan import PlanInput, predict
 
-        config = model_config(case.model_path)
+        config = case_config(case)
         gpt_oss = config.get("model_type") == "gpt_oss"
         ours = case.stack == "lowvram_ft"
         inp = PlanInput(
@@ -942,7 +1105,7 @@ def print_summary(records: list[dict], device: dict, console) -> None:
     gpu = device["kind"] == "cuda"
     memory = "peak reserved GiB" if gpu else "peak RSS GiB"
     rows = [[r["setting"], r["stack"], r["status"], fmt(r["tokens_per_s"], ",.0f"),
-             fmt(r["peak_reserved_gib"] if gpu else r["peak_rss_gib"]),
+             fmt(train_memory(r, "peak_reserved_gib" if gpu else "peak_rss_gib")),
              fmt((r.get("trainable_parameters") or {}).get("trainable"), ",d")] for r in records]
     title = f"benchmark — {device['name']}" + ("" if gpu else " (CPU figures; GPU figures need a GPU)")
     print_table(["setting", "stack", "status", "tokens/s", memory, "trainable"], rows, title, console)
@@ -951,9 +1114,10 @@ def print_summary(records: list[dict], device: dict, console) -> None:
 def one_line(record: dict, device: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {str(record['error'])[:200]}"
-    memory = (f"peak reserved {fmt(record['peak_reserved_gib'])} GiB" if device["kind"] == "cuda"
-              else f"peak RSS {fmt(record['peak_rss_gib'])} GiB")
-    return f"ok, {fmt(record['tokens_per_s'], ',.0f')} tokens/s, {memory}"
+    memory = (f"peak reserved {fmt(train_memory(record, 'peak_reserved_gib'))} GiB" if device["kind"] == "cuda"
+              else f"peak RSS {fmt(train_memory(record, 'peak_rss_gib'))} GiB")
+    ran = ", ".join(filter(None, [attention_summary(record.get("attention")), (record.get("moe") or {}).get("path")]))
+    return f"ok, {fmt(record['tokens_per_s'], ',.0f')} tokens/s, {memory}" + (f" ({ran})" if ran else "")
 
 
 def log(console, message: str) -> None:
@@ -1004,30 +1168,38 @@ def probe_device() -> dict:
 
 
 class ModelStore:
-    """Local folders of the models cases name: the embedded model, random-weight checkpoints (built once
-    per run on the GPU in a child process, removed afterwards unless cached before) or a user's folder."""
+    """Local folders of the models cases load: the embedded model, a user's folder, or a random-weight
+    checkpoint in the layout the case's stack loads (model_route), built once per run on the GPU in a
+    child process and removed afterwards unless it was cached before. A stack that builds its random
+    model in memory needs no folder."""
 
     def __init__(self, device: dict, log_dir: Path, console):
         self.device, self.log_dir, self.console = device, log_dir, console
-        self.paths: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
+        self.paths: dict[tuple[str, str], str] = {}
+        self.failed: dict[tuple[str, str], str] = {}
         self.built: list[Path] = []
 
-    def path_for(self, model: str) -> str:
-        """The model's folder; BenchError (remembered: a failed build is not retried per case)."""
-        if model in self.failed:
-            raise BenchError(self.failed[model])
-        if model not in self.paths:
+    def path_for(self, case: Case) -> str:
+        """The folder the case loads its model from, "" for a model built in memory; BenchError
+        (remembered: a failed build is not retried per case)."""
+        key = (case.model, model_route(case))
+        if key in self.failed:
+            raise BenchError(self.failed[key])
+        if key not in self.paths:
             try:
-                self.paths[model] = self.resolve(model)
+                self.paths[key] = self.resolve(*key)
             except Exception as error:  # noqa: BLE001 — every case of this model becomes an error record
-                self.failed[model] = f"{model}: {error}" if not isinstance(error, BenchError) else str(error)
-                raise BenchError(self.failed[model]) from None
-        return self.paths[model]
+                self.failed[key] = f"{case.model}: {error}" if not isinstance(error, BenchError) else str(error)
+                raise BenchError(self.failed[key]) from None
+        return self.paths[key]
 
-    def resolve(self, model: str) -> str:
-        if model in RANDOM_MODELS:
-            return str(self.random_model(model))
+    def resolve(self, model: str, route: str) -> str:
+        if route in ("in-memory", "split-bnb4", "bf16") and self.device["kind"] != "cuda":
+            raise BenchError(f"{model}: random-weight models are built on the GPU; this machine has none")
+        if route == "in-memory":
+            return ""
+        if route != "folder":
+            return str(self.random_checkpoint(model, route))
         from .model import resolve_model_path
 
         path = resolve_model_path(model)
@@ -1036,16 +1208,14 @@ class ModelStore:
                              f"{', '.join(RANDOM_MODELS)} — download Hub models first")
         return path
 
-    def random_model(self, key: str) -> Path:
-        target = random_models_dir() / f"random-{key}"
+    def random_checkpoint(self, key: str, layout: str) -> Path:
+        target = random_checkpoint_dir(key, layout)
         if (target / "config.json").is_file():
             return target
-        if self.device["kind"] != "cuda":
-            raise BenchError(f"{key}: random-weight models are built on the GPU; this machine has none")
-        log(self.console, f"building {key} ({RANDOM_MODELS[key]['about']}) in {target} ...")
-        log_file = self.log_dir / f"build-{key}.log"
-        code = run_process([sys.executable, "-m", "lowvram_ft.bench", "--build", key, "--model-dir", str(target)],
-                           log_file, 3600)
+        log(self.console, f"building {key} ({RANDOM_MODELS[key]['about']}, {layout} layout) in {target} ...")
+        log_file = self.log_dir / f"build-{key}-{layout}.log"
+        code = run_process([sys.executable, "-m", "lowvram_ft.bench", "--build", key, "--layout", layout,
+                            "--model-dir", str(target)], log_file, 3600)
         if code != 0 or not (target / "config.json").is_file():
             raise BenchError(f"{key}: building the random-weight model failed — see {log_file}: {log_tail(log_file)}")
         self.built.append(target)
@@ -1064,6 +1234,12 @@ class ModelStore:
 def random_models_dir() -> Path:
     root = Path(os.environ.get("LOWVRAM_FT_CACHE", Path.home() / ".cache" / "lowvram_ft"))
     return root / "bench-models"
+
+
+def random_checkpoint_dir(model: str, layout: str) -> Path:
+    """The cache folder of a random model's checkpoint. The layout is in the name, so a folder of another
+    layout (the fused bf16 gpt-oss checkpoints of earlier versions) is never reused."""
+    return random_models_dir() / f"random-{model.removesuffix('-random')}-{layout}"
 
 
 def random_model_config(key: str) -> dict:
@@ -1093,12 +1269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build", choices=sorted(RANDOM_MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=("split-bnb4", "bf16"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(describe_device()))
     elif args.build:
-        build_random_model(random_model_config(args.build), args.model_dir)
+        build_random_checkpoint(args.build, args.layout or RANDOM_MODELS[args.build]["checkpoint"], args.model_dir)
     elif args.case:
         return case_main(args.case, args.result)
     else:
@@ -1140,95 +1317,56 @@ def nvml_driver_version() -> str | None:
         return None
 
 
-class MemoryMonitor:
-    """Samples device memory used (NVML, GPU) or the resident set (psutil, CPU) every 10 ms in a thread,
-    keeps the peak per phase, and writes a heartbeat file so that a case killed mid-way still reports
-    the memory it had reached."""
+class Heartbeat:
+    """MemoryMonitor's on_sample: writes the phase and its memory FIELDS so far (GiB) to a file about
+    twice a second, so that a case killed mid-way still reports the memory it had reached."""
 
-    def __init__(self, gpu: bool, heartbeat: Path):
-        self.gpu, self.heartbeat = gpu, heartbeat
-        self.phase, self.peak, self.overall_peak = "start", 0, 0
-        self._stop = threading.Event()
-        self._read = self._nvml_reader() if gpu else self._rss_reader()
-        self.baseline = self._read() if self._read else None
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, path: Path):
+        self.path, self.phase = path, "start"
 
-    def _nvml_reader(self):
+    def figures(self, monitor: MemoryMonitor) -> dict:
+        return {"phase": self.phase, **peak_figures(monitor.gpu, monitor)}
+
+    def __call__(self, monitor: MemoryMonitor) -> None:
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
-            return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        except Exception:  # noqa: BLE001 — no NVML: the torch figures remain
-            return None
-
-    @staticmethod
-    def _rss_reader():
-        import psutil
-
-        process = psutil.Process()
-        return lambda: int(process.memory_info().rss)
-
-    def start(self) -> "MemoryMonitor":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        last_beat = 0.0
-        while not self._stop.wait(MONITOR_INTERVAL_S):
-            self.sample()
-            if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
-                last_beat = time.monotonic()
-                self.write_heartbeat()
-
-    def sample(self) -> int | None:
-        if self._read is None:
-            return None
-        value = self._read()
-        self.peak, self.overall_peak = max(self.peak, value), max(self.overall_peak, value)
-        return value
-
-    def start_phase(self, phase: str) -> None:
-        self.phase = phase
-        self.peak = self.sample() or 0
-
-    def write_heartbeat(self) -> None:
-        key = "nvml_used" if self.gpu else "rss"
-        try:
-            peak = round(self.overall_peak / GIB, 3)
-            write_text_atomic(self.heartbeat, json.dumps({"phase": self.phase, f"peak_{key}": peak}))
+            write_text_atomic(self.path, json.dumps(self.figures(monitor)))
         except OSError:
             pass
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=1)
-        self.sample()
 
-
-def measure_case(case: Case, heartbeat: Path) -> dict:
+def measure_case(case: Case, heartbeat_file: Path) -> dict:
     """Load, wrap in LoRA and train one case; the raw figures (never raises for OOM or errors)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    allocator = allocator_setting(os.environ, installed_torch_version())
+    apply_allocator_setting(allocator, os.environ)  # before torch is imported: it reads the setting once
+    allocator["set_before_torch"] = "torch" not in sys.modules
     gpu = gpu_visible()
-    monitor = MemoryMonitor(gpu, heartbeat).start()  # NVML baseline before CUDA is initialised
+    heartbeat = Heartbeat(heartbeat_file)
+    monitor = MemoryMonitor(gpu, on_sample=heartbeat).start()  # NVML baseline before CUDA is initialised
     record: dict[str, Any] = {"status": "error", "error": None}
     try:
         import_stack(case.stack)
-        record.update(train_case(case, monitor))
-        record["status"] = "ok"
+        train_case(case, monitor, heartbeat, record)
     except BaseException as error:  # noqa: BLE001 — every failure becomes a record, the suite goes on
         traceback.print_exc()  # into the case's log
         record.update(status="OOM" if is_oom(error) else "error", error=f"{type(error).__name__}: {first_line(error)}",
-                      memory_at_failure_gib=memory_now(gpu, monitor))
+                      memory_at_failure_gib=heartbeat.figures(monitor))  # before anything is freed
     finally:
         monitor.stop()
+    record["allocator"] = {**allocator, "after_run": os.environ.get(allocator["variable"])}
     record["unsloth_imported"] = unsloth_imported()
     if case.stack == "hf" and record["unsloth_imported"]:
         record.update(status="error", error="unsloth was imported in the hf process: the comparison is void")
     return record
+
+
+def installed_torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch, read from its metadata without importing it."""
+    from importlib.metadata import version
+
+    match = re.match(r"(\d+)\.(\d+)", version("torch"))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def import_stack(stack: str) -> None:
@@ -1238,6 +1376,7 @@ def import_stack(stack: str) -> None:
         from .model import import_unsloth
 
         import_unsloth()
+    import bitsandbytes  # noqa: F401  (describe_loaded; 8-bit optimizers)
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -1266,62 +1405,48 @@ def first_line(error: BaseException) -> str:
     return (text.splitlines() or [""])[0][:400]
 
 
-def memory_now(gpu: bool, monitor: MemoryMonitor) -> dict:
-    """Peaks reached so far (GiB), read right after a failure and before anything is freed."""
-    figures = {"phase": monitor.phase}
-    if gpu:
-        import torch
+def train_case(case: Case, monitor: MemoryMonitor, heartbeat: Heartbeat, record: dict) -> None:
+    """The measurement proper, filling `record` as it goes (a failure keeps what was measured before
+    it): budget and load (load phase: memory, what loaded), the check that it is what the case asked
+    for, the data, training (train phase: memory, timings), and what ran."""
+    import torch
 
-        if torch.cuda.is_initialized():
-            figures.update(allocated=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                           reserved=round(torch.cuda.max_memory_reserved() / GIB, 3))
-        figures["nvml_used"] = round(monitor.overall_peak / GIB, 3) if monitor.overall_peak else None
-    else:
-        figures["rss"] = round(peak_rss_bytes() / GIB, 3)
-    return figures
+    from .model import trainable_parameters
+
+    gpu = monitor.gpu
+    model, tokenizer, device = load_phase(case, monitor, heartbeat, record)
+    record.update(trainable_parameters=trainable_parameters(model), adapter_dtypes=adapter_dtypes(model))
+    status, reason = classify_loaded(record["load_settings"]["requested_bits"], record["loaded"])
+    if status != "ok":  # training it would measure another model than the case names
+        record.update(status=status, error=reason, **compute_path(model, None))
+        return
+    dataset, record["tokens_per_step"], record["data_digest"] = benchmark_dataset(case, tokenizer, model)
+    timer = make_step_timer(torch.cuda.synchronize if gpu else (lambda: None))
+    expert_calls = PerExpertCalls(model)
+    reset_peaks(gpu, monitor)  # the training phase's peaks start here, as in train runs (pipeline.train)
+    heartbeat.phase = "train"
+    make_trainer(case, model, tokenizer, dataset, device, timer).train()
+    record["memory"]["train"] = peak_figures(gpu, monitor)
+    record.update(step_times_s=[round(t, 6) for t in timer.step_times], losses=timer.losses, status="ok",
+                  load_average=round(os.getloadavg()[0], 2), **compute_path(model, expert_calls))
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def train_case(case: Case, monitor: MemoryMonitor) -> dict:
-    """The measurement proper: emulate the budget, load (memory), add LoRA (counts), train (timings)."""
+def load_phase(case: Case, monitor: MemoryMonitor, heartbeat: Heartbeat, record: dict) -> tuple:
+    """(model with LoRA, tokenizer, Device) after the budget and the load; adds to `record` the budget,
+    the load phase's memory FIELDS (from the start of the process, as in train runs), what is held after
+    loading (load_gib: allocated on GPU, RSS growth on CPU) and what loaded (describe_loaded)."""
     import torch
 
     gpu = monitor.gpu
-    figures: dict[str, Any] = {"budget": apply_budget(case, monitor) if gpu else None}
-    monitor.start_phase("load")
-    before_load = monitor.sample() or 0
+    record["budget"] = apply_budget(case, monitor) if gpu else None
+    read_rss = rss_reader()
+    heartbeat.phase = "load"
+    rss_before = read_rss()
     model, tokenizer, device, settings = load_stack(case, gpu)
-    figures["load_settings"] = settings
-    if gpu:
-        figures["load_gib"] = round(torch.cuda.memory_allocated() / GIB, 3)
-        figures["load_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        figures["load_gib"] = round(((monitor.sample() or 0) - before_load) / GIB, 3)
-    from .model import trainable_parameters
-
-    figures["trainable_parameters"] = trainable_parameters(model)
-    dataset, figures["tokens_per_step"], figures["data_digest"] = benchmark_dataset(case, tokenizer, model)
-    timer = make_step_timer(torch.cuda.synchronize if gpu else (lambda: None))
-    trainer = make_trainer(case, model, tokenizer, dataset, device, timer)
-    monitor.start_phase("train")
-    trainer.train()
-    monitor.stop()
-    figures.update(step_times_s=[round(t, 6) for t in timer.step_times], losses=timer.losses,
-                   load_average=round(os.getloadavg()[0], 2))
-    if gpu:
-        figures.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
-                       peak_nvml_gib=round(monitor.peak / GIB, 3) if monitor.peak else None)
-    else:
-        figures.update(peak_rss_gib=round(peak_rss_bytes() / GIB, 3),
-                       peak_rss_train_gib=round(monitor.peak / GIB, 3))
-    return figures
+    held = torch.cuda.memory_allocated() if gpu else read_rss() - rss_before
+    record.update(load_settings=settings, load_gib=round(held / GIB, 3), loaded=describe_loaded(model),
+                  memory={"load": peak_figures(gpu, monitor), "train": dict.fromkeys(FIELDS)})
+    return model, tokenizer, device
 
 
 def apply_budget(case: Case, monitor: MemoryMonitor) -> dict:
@@ -1335,10 +1460,121 @@ def apply_budget(case: Case, monitor: MemoryMonitor) -> dict:
     info = {"device_total_gib": round(total / GIB, 3), "cuda_context_gib": round(context / GIB, 3),
             "budget_gib": case.budget_gib, "memory_fraction": None, "emulated": case.budget_gib is not None}
     if case.budget_gib is not None:
-        fraction = budget_fraction(case.budget_gib, total, context)
+        fraction = emulated_card_fraction(case.budget_gib, total, context)
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
         info["memory_fraction"] = round(fraction, 6)
     return info
+
+
+def adapter_dtypes(model) -> dict[str, int]:
+    """Trainable parameters per dtype (the LoRA adapters: float32 in both stacks)."""
+    counts: dict[str, int] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            name = str(param.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + param.numel()
+    return counts
+
+
+# --------------------------------------------------------------------------- what ran
+
+
+class PerExpertCalls:
+    """Counts the forward calls of a split MoE layout's per-expert modules (experts.gate_up_projs.<i>,
+    experts.down_projs.<i>) through forward hooks: the per-expert loop calls each routed expert's
+    module, the grouped path reads their weights and never calls them. No modules (fused experts, dense
+    models): nothing is counted."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.modules = [m for name, m in model.named_modules() if PER_EXPERT_MODULE.search(name)]
+        for module in self.modules:
+            module.register_forward_hook(self.count)
+
+    def count(self, module, args, output) -> None:
+        self.calls += 1
+
+
+def compute_path(model, expert_calls: PerExpertCalls | None) -> dict:
+    """The row's "attention" and "moe" facts (after training, so that every lazy choice is made)."""
+    return {"attention": attention_path(model), "moe": moe_path(model, expert_calls)}
+
+
+def attention_path(model) -> dict | None:
+    """The attention implementation in the model's config, where the attention layers' forward comes
+    from (Unsloth replaces gpt-oss's), and whether Unsloth's flex-attention-with-sinks forward is on."""
+    attention = next((m for m in model.modules() if type(m).__name__.endswith("Attention")), None)
+    if attention is None:
+        return None
+    forward = type(attention).forward
+    info = {"implementation": getattr(model.config, "_attn_implementation", None),
+            "forward": f"{forward.__module__}.{forward.__qualname__}",
+            "unsloth_flex_attention": os.environ.get("UNSLOTH_ENABLE_FLEX_ATTENTION") == "1"}
+    info["ran"] = attention_summary(info)
+    return info
+
+
+def moe_path(model, expert_calls: PerExpertCalls | None) -> dict | None:
+    """The MoE experts' path (None for a dense model): the backend Unsloth selected (unsloth_zoo's
+    select_moe_backend: grouped_mm / unsloth_triton / native_torch, from UNSLOTH_MOE_BACKEND and what
+    this machine supports; None where unsloth_zoo's MoE utilities are not loaded, as in the hf stack or
+    Unsloth's CPU backend), whether torch has a usable grouped_mm, transformers' experts dispatch, the
+    experts' class and forward, and the per-expert module calls counted during training (None when the
+    layout has no per-expert modules or nothing was trained); "path" sums them up (moe_path_summary)."""
+    experts = experts_module(model)
+    if experts is None:
+        return None
+    forward = type(experts).forward
+    modules = (len(expert_calls.modules) if expert_calls is not None
+               else sum(1 for name, _ in model.named_modules() if PER_EXPERT_MODULE.search(name)))
+    info = {
+        "backend": unsloth_moe_backend(),
+        "backend_requested": os.environ.get("UNSLOTH_MOE_BACKEND"),
+        "grouped_mm_available": grouped_mm_available(next(experts.parameters(), None)),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "experts_module": type(experts).__name__,
+        "experts_forward": f"{forward.__module__}.{forward.__qualname__}",
+        "per_expert_modules": modules,
+        "per_expert_calls": expert_calls.calls if expert_calls is not None and modules else None,
+    }
+    info["path"] = moe_path_summary(info)
+    return info
+
+
+def experts_module(model):
+    """The first MoE experts module (`...mlp.experts`), unwrapped from PEFT's layers (target_parameters
+    wraps it once per expert parameter); None for a dense model."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return None
+
+
+def unsloth_moe_backend() -> str | None:
+    """unsloth_zoo's selected MoE backend, or None when its MoE utilities were never loaded here."""
+    moe_utils = sys.modules.get("unsloth_zoo.temporary_patches.moe_utils")
+    select = getattr(moe_utils, "select_moe_backend", None)
+    if select is None:
+        return None
+    try:
+        return select()
+    except Exception:  # noqa: BLE001 — informational
+        return None
+
+
+def grouped_mm_available(param) -> bool:
+    """Whether torch offers grouped_mm (torch.nn.functional.grouped_mm or torch._grouped_mm) for the
+    device `param` is on: on CUDA, compute capability 8.0 or newer (transformers' rule for torch >= 2.9)."""
+    import torch
+
+    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return False
+    if param is not None and param.device.type == "cuda":
+        return torch.cuda.get_device_capability(param.device) >= (8, 0)
+    return True
+
+
+# --------------------------------------------------------------------------- the two stacks
 
 
 def run_config(case: Case):
@@ -1357,7 +1593,7 @@ def run_config(case: Case):
 
 
 def load_stack(case: Case, gpu: bool):
-    """(model with LoRA, tokenizer, Device, what was loaded how)."""
+    """(model with LoRA, tokenizer, Device, settings: how it was loaded, incl. requested_bits)."""
     if case.stack == "lowvram_ft":
         return load_lowvram_ft(case)
     return load_hf(case, gpu)
@@ -1370,53 +1606,104 @@ def load_lowvram_ft(case: Case):
     device = models.detect_device()
     model, tokenizer = models.load_model(cfg, device)
     model = models.add_lora(model, cfg)
-    settings = {"weights": models.load_bits(cfg, device), "gradient_checkpointing": cfg.model.gradient_checkpointing,
-                "optimizer": case.optimizer, "device_reason": device.reason}
+    bits = models.load_bits(cfg, device)
+    settings = {"requested_bits": bits, "weights": bits, "route": model_route(case),
+                "gradient_checkpointing": cfg.model.gradient_checkpointing, "optimizer": case.optimizer,
+                "device_reason": device.reason}
     return model, tokenizer, device, settings
 
 
 def load_hf(case: Case, gpu: bool):
     """The plain Hugging Face recipe: no unsloth in this process."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import Device, expert_target_parameters
+    from .gptoss_tokenizer import load_gptoss_tokenizer
+    from .model import Device
 
-    dtype = getattr(torch, case.dtype)
+    if model_route(case) == "in-memory":
+        model = build_in_memory(random_model_config(case.model), case.dtype, "cuda" if gpu else "cpu", case.seed)
+        tokenizer = load_gptoss_tokenizer()  # the tokenizer the lowvram_ft stack's checkpoint carries
+        settings = {"requested_bits": "16bit", "weights": f"{case.dtype}, random, built in memory"}
+    else:
+        model, settings = load_hf_folder(case, gpu)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(case.model_path)
+    model, experts = add_hf_lora(model, case)
+    name = torch.cuda.get_device_properties(0).name if gpu else "cpu"
+    device = Device("cuda" if gpu else "cpu", name, None, case.dtype == "bfloat16", f"hf stack: {case.dtype}")
+    settings.update(route=model_route(case), attention=getattr(model.config, "_attn_implementation", None),
+                    gradient_checkpointing="true", target_parameters=experts, optimizer=case.optimizer)
+    return model, tokenizer, device, settings
+
+
+def build_in_memory(config: dict, dtype: str, device: str, seed: int):
+    """A random-weight model created directly on `device` from a config.json dict (no file): what the
+    hf stack's bf16 recipe would load, without writing and reading 39 GiB. gpt-oss gets eager attention,
+    as in the OpenAI cookbook; the cache is off for training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": "eager"} if config.get("model_type") == "gpt_oss" else {}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(config, use_cache=False), dtype=getattr(torch, dtype), **kwargs)
+    return model
+
+
+def hf_config(config: dict, **changes):
+    """transformers' config object of a config.json dict."""
+    from transformers import AutoConfig
+
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
+    return AutoConfig.for_model(config["model_type"], **{**settings, **changes})
+
+
+def load_hf_folder(case: Case, gpu: bool):
+    """(model, settings) from a folder: gpt-oss in bf16 (MXFP4 dequantized) with eager attention, other
+    models 4-bit NF4 on GPU (the QLoRA recipe quantizes while loading)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = model_config(case.model_path)
     gpt_oss = config.get("model_type") == "gpt_oss"
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_cache": False}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, case.dtype), "use_cache": False}
+    weights = case.dtype
     if gpt_oss:
         kwargs["attn_implementation"] = "eager"  # the OpenAI cookbook's setting (attention sinks)
         if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
             from transformers import Mxfp4Config
 
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+            weights = "mxfp4-dequantized-bf16"
     elif gpu:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
+        weights = "4bit-nf4-double-quant"
     if gpu:
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(case.model_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(case.model_path)
+    return model, {"requested_bits": "4bit" if weights.startswith("4bit") else "16bit", "weights": weights}
+
+
+def add_hf_lora(model, case: Case):
+    """(PEFT model, expert target_parameters): LoRA on the case's modules and, through target_parameters,
+    on fused expert weights. Adapters in float32 as Unsloth keeps them: autocast_adapter_dtype=True (PEFT's
+    default, made explicit) upcasts bf16 / fp16 adapters to float32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .model import expert_target_parameters
+
     experts = expert_target_parameters(model, list(case.lora_targets))
     lora = LoraConfig(r=case.lora_r, lora_alpha=case.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(case.lora_targets), task_type="CAUSAL_LM",
                       **({"target_parameters": experts} if experts else {}))
     torch.manual_seed(case.seed)  # the same seed Unsloth sets before get_peft_model: identical LoRA init
-    model = get_peft_model(model, lora)
-    name = torch.cuda.get_device_properties(0).name if gpu else "cpu"
-    device = Device("cuda" if gpu else "cpu", name, None, case.dtype == "bfloat16", f"hf stack: {case.dtype}")
-    quant = kwargs.get("quantization_config")
-    settings = {"weights": "4bit-nf4-double-quant" if quant is not None and not gpt_oss else
-                ("mxfp4-dequantized-bf16" if quant is not None else case.dtype),
-                "attention": kwargs.get("attn_implementation", "default"), "gradient_checkpointing": "true",
-                "target_parameters": experts, "optimizer": case.optimizer}
-    return model, tokenizer, device, settings
+    return get_peft_model(model, lora, autocast_adapter_dtype=True), experts
 
 
 def make_trainer(case: Case, model, tokenizer, dataset, device, timer):
@@ -1556,25 +1843,29 @@ def filler_texts() -> list[str]:
 # --------------------------------------------------------------------------- random-weight models
 
 
+def build_random_checkpoint(model: str, layout: str, out_dir: Path) -> Path:
+    """The random model's checkpoint in `layout` (the --build mode, run on the GPU in a child process):
+    "split-bnb4" through gptoss_checkpoint.build_split_checkpoint, "bf16" through build_random_model."""
+    config = random_model_config(model)
+    if layout == "split-bnb4":
+        return build_split_checkpoint(config, out_dir, seed=0)
+    return build_random_model(config, out_dir)
+
+
 def build_random_model(config: dict, out_dir: Path, device: str | None = None) -> Path:
     """Save a random-weight checkpoint (bf16 safetensors, created directly on the device) with the
     offline o200k_harmony tokenizer, atomically (built in a sibling folder, then renamed)."""
     import shutil
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .gptoss_tokenizer import load_gptoss_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
-    hf_config = AutoConfig.for_model(config["model_type"], **settings)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+        model = build_in_memory(config, "bfloat16", device, seed=0)
         model.save_pretrained(staging, max_shard_size="4GB")
         del model
         load_gptoss_tokenizer().save_pretrained(staging)

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .errors import UserError
 from .conversation import REASONING_EFFORTS, Conversation, Message
 
 # gpt-oss's recommended sampling (OpenAI's model card): temperature 1.0, top_p 1.0, no top-k.
@@ -25,7 +26,7 @@ EXIT = object()
 PARTIAL_CONTROL = re.compile(r"<(\|[a-z]*\|?)?$")
 
 
-class ChatError(RuntimeError):
+class ChatError(UserError, RuntimeError):
     """A chat/generate request that cannot run as asked; one line that says what to do."""
 
 

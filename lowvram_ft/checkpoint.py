@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from .errors import EXIT_OUT_OF_MEMORY, UserError
 from .config import Config, ConfigError, diff, load_config, to_dict
 
 CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N folders
@@ -50,16 +51,18 @@ SAVE_SLACK_BYTES = 64 * 2**20
 FAULT_ENV = "LOWVRAM_FT_FAULT"  # testing hook, see fault()
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A run that cannot be resumed as asked; the message says why and what to do."""
 
 
-class DiskSpaceError(RuntimeError):
+class DiskSpaceError(UserError, RuntimeError):
     """Not enough free disk space for a save, found before anything is written."""
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(UserError, RuntimeError):
     """Out of memory, with the phase, step, memory figures and what to change (first line: the summary)."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 class Interrupted(KeyboardInterrupt):

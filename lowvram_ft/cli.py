@@ -10,9 +10,7 @@ import os
 import sys
 
 from .config import ConfigError, describe_fields, family_recipe, load_config
-
-EXIT_BAD_INPUT = 2
-EXIT_OOM = 3
+from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ConfigError as error:
         return fail(error.problems)
+    except UserError as error:  # every error meant for the user: its lines and its exit code (errors.py)
+        return fail(error.lines(), error.exit_code)
     except KeyboardInterrupt as error:  # checkpoint.Interrupted says what was saved and how to resume
         print(getattr(error, "message", None) or "interrupted", file=sys.stderr)
         return getattr(error, "exit_code", 130)
-    except Exception as error:  # noqa: BLE001 — known user-facing errors become one line
-        known = user_error(error)
+    except Exception as error:  # noqa: BLE001 — errors of the libraries that mean bad input or a full GPU
+        known = library_error(error)
         if known is None:
             raise
         return fail(known[1].splitlines(), known[0])
@@ -43,18 +43,10 @@ def fail(lines: list[str], code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
-def user_error(error: Exception) -> tuple[int, str] | None:
-    """(exit code, one line) for errors that mean bad input or a full GPU, else None (a bug: traceback)."""
-    from .model import ModelError
-
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if "OutOfMemory" in names:  # checkpoint.OutOfMemory: phase, step, memory, what to change
-        return EXIT_OOM, str(error)
-    if isinstance(error, ModelError) or names & {"DataError", "ScoreInputError", "PlanError", "RunDirError", "EvalError",
-                                                  "ResumeError", "DiskSpaceError", "ExportError", "ChatError",
-                                                  "TrackingError", "BenchError"}:
-        return EXIT_BAD_INPUT, str(error)
-    if "OutOfMemoryError" in names or "out of memory" in str(error).lower():
+def library_error(error: Exception) -> tuple[int, str] | None:
+    """(exit code, one line) for a library's error that means a full GPU or an unreadable file, else
+    None (a bug: traceback). Our own errors are UserErrors and never get here."""
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
         return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"
     if isinstance(error, OSError) and error.filename:  # a file no loader checked first (unreadable, full disk)
         return EXIT_BAD_INPUT, f"{error.filename}: {error.strerror or error} — check the path, its permissions and free space"

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import UserError
+
 EMBEDDED_MODEL = "embedded"  # the tiny gpt-oss-shaped model the package builds itself
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Every problem found in a configuration, one per line."""
 
     def __init__(self, problems: list[str]):

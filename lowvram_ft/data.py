@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
 from .config import SAMPLE_DATASET, Config
 from .conversation import REASONING_EFFORTS, ROLES, Conversation, Message
 from .harmony import CONTROL_TOKENS, IGNORE_INDEX
@@ -92,7 +93,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # --------------------------------------------------------------------------- types
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Problems with the training data, one line each (the first 20, then how many more)."""
 
     def __init__(self, problems: list[str], hint: str | None = None):

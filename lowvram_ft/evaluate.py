@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .config import Config, EvalConfig
 from .conversation import Conversation, Message
 from .model import input_device
@@ -20,7 +21,7 @@ SUITE = Path(__file__).parent / "assets" / "eval_prompts.yaml"
 GENERATION_BATCH = 16  # prompts per generate() call: bounded so eager-attention generation stays small
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A prompt suite or run folder that cannot be evaluated; one line that says what to do."""
 
 
@@ -246,7 +247,7 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
     result = {
         "settings": {"languages": languages, "prompts": len({c.prompt_id for c in cases}),
                      "samples_per_prompt": cfg.eval.samples_per_prompt, "max_new_tokens": cfg.eval.max_new_tokens,
-                     "greedy": cfg.eval.greedy, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+                     "greedy": cfg.eval.greedy or cfg.eval.temperature == 0, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                      "top_k": cfg.eval.top_k, "reasoning_effort": cfg.data.reasoning_effort,
                      "seed": cfg.train.seed, "answer_in": cfg.eval.answer_in, "smoke": smoke},
         "trained_languages": suite.trained_languages,

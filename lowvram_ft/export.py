@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .errors import UserError
 from . import folders
 
 FORMATS = ("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf")
@@ -32,7 +33,7 @@ DATASET_LICENSES = {
 HUB_HOST_DEFAULT = "https://huggingface.co"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be done as asked; one line that says why and what to do."""
 
 

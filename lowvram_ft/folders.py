@@ -18,6 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 MARKER = ".lowvram_ft"
 # What a run folder holds (pipeline, checkpoint, evaluate, export): a folder of only these names and a
 # config.yaml is a run folder written before markers existed.
@@ -25,7 +27,7 @@ RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "adapter", "check
                "eval.png", "eval_samples.jsonl", "smoke", "export", "tracking", MARKER}
 
 
-class FolderError(RuntimeError):
+class FolderError(UserError, RuntimeError):
     """A folder that must not be written or replaced; the message says what it holds and what to do."""
 
 

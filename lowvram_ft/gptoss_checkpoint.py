@@ -22,7 +22,9 @@ import json
 import math
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,3 +298,28 @@ def is_expert_weight(name: str) -> bool:
     if EXPERT_PROJECTION.search(name):
         return leaf == "weight"
     return leaf in ("gate_up_proj", "down_proj")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lowvram_ft.gptoss_checkpoint --config gpt-oss-20b --out DIR`: build a random split
+    checkpoint of a bundled gpt-oss shape (lowvram_ft/assets/model_configs/NAME.json) or a config.json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lowvram_ft.gptoss_checkpoint", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="bundled shape (gpt-oss-20b, gpt-oss-120b) or a config.json path")
+    parser.add_argument("--out", required=True, help="the checkpoint folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    bundled = Path(__file__).parent / "assets" / "model_configs" / f"{args.config}.json"
+    path = bundled if bundled.is_file() else Path(args.config)
+    if not path.is_file():
+        print(f"error: {args.config}: neither a bundled shape nor a config.json file", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    out = build_split_checkpoint(json.loads(path.read_text()), Path(args.out), seed=args.seed)
+    print(f"built {out} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,12 +11,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .config import EMBEDDED_MODEL, Config
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model that cannot be found, reached or loaded; the message is one line that says what to do."""
 
 

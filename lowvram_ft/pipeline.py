@@ -15,13 +15,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from .errors import UserError
 from . import folders
 from .config import EMBEDDED_MODEL, Config, to_yaml
 from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from .model import input_device
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output folder cannot be used as asked; the message says what to do."""
 
 

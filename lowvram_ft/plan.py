@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .errors import UserError
+
 GIB = 1024**3
 
 # --- Weights -------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MODEL_CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan input or a model config that cannot be used; the message is one line."""
 
 

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .errors import UserError
+
 # ---------------------------------------------------------------------------------------------
 # Languages
 
@@ -607,7 +609,7 @@ def compare(before_rows: Sequence[Mapping], after_rows: Sequence[Mapping]) -> li
 # ---------------------------------------------------------------------------------------------
 # The offline `score` command
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError, ValueError):
     """A bad completions file; the message is one line: FILE:LINE: what is wrong — what to do."""
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .config import Config
 from .memory import headline_gib, peak_figures
 from .model import Device
@@ -21,7 +22,7 @@ from .plan import NO_PACKING_MODEL_TYPES
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """An experiment tracker that cannot be used; one line with the install command."""
 
 

@@ -187,3 +187,26 @@ def test_tokenizer_without_a_chat_template(tmp_path):
     [line] = error_lines(proc)
     assert "the tokenizer has no chat template, so conversations cannot be rendered" in line
     assert not out.exists()
+
+
+def test_every_error_class_of_the_package_is_a_user_error_with_an_exit_code():
+    """The command line turns UserErrors into lines and exit codes (errors.py): an error class outside
+    that base would reach the user as a traceback."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lowvram_ft
+    from lowvram_ft.errors import UserError
+
+    found = {}
+    for info in pkgutil.iter_modules(lowvram_ft.__path__):
+        if info.name in ("__main__",):
+            continue
+        module = importlib.import_module(f"lowvram_ft.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(cls, Exception) and name != "UserError":
+                found[name] = cls
+    assert {"ConfigError", "DataError", "ModelError", "FolderError", "OutOfMemory", "BenchError"} <= set(found)
+    assert [name for name, cls in found.items() if not issubclass(cls, UserError)] == []
+    assert found["OutOfMemory"].exit_code == 3 and found["DataError"].exit_code == 2

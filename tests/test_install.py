@@ -45,3 +45,15 @@ def test_installed_versions_match_the_lock():
         if installed is None or installed.split("+")[0] != pinned.split("+")[0]:
             mismatched.append(f"{name}: locked {pinned}, installed {installed}")
     assert not mismatched, "run `make venv` (or `make lock` to re-pin):\n" + "\n".join(mismatched)
+
+
+def test_the_package_is_installed_with_its_metadata_and_command():
+    """`make venv` installs the project itself (editable, no resolution): metadata and `lowvram-ft`."""
+    import shutil
+    import sys
+    import tomllib
+
+    project = tomllib.loads((LOCK.parent / "pyproject.toml").read_text())["project"]
+    assert version("lowvram_ft") == project["version"]
+    command = Path(sys.executable).parent / "lowvram-ft"
+    assert command.is_file() or shutil.which("lowvram-ft"), "no lowvram-ft command: run `make venv`"

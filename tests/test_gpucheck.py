@@ -1,0 +1,97 @@
+"""`make gpu-check`'s plumbing on the CPU: every step writes its result as it finishes, a slow step is
+cut at its time box without losing the others, a step whose prerequisite failed is skipped, the
+results are copied for retrieval, and the targets are judged from the records."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lowvram_ft import gpucheck
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_steps_run_end_to_end_on_the_embedded_model(tmp_path):
+    out, work, copy = tmp_path / "results", tmp_path / "work", tmp_path / "copy"
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft.gpucheck", "--model", "embedded", "--steps",
+                           "environment,build,headline,smoke", "--train-steps", "3", "--smoke-tokens", "16", "--out", str(out), "--work", str(work)],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", gpucheck.RESULTS_COPY_ENV: str(copy)},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (jsonl,) = out.glob("*-gpu.jsonl")
+    records = read_jsonl(jsonl)
+    assert [(r["step"], r["status"]) for r in records] == [("environment", "ok"), ("build", "ok"), ("headline", "ok"),
+                                                           ("smoke", "ok")]
+    env, head, smoke = records[0]["figures"], records[2]["figures"], records[3]["figures"]
+    assert env["torch"] and env["cuda_available"] is False
+    assert head["steps"] == 3 and head["predicted_peak_gib"] > 0 and "estimate" in head["prediction_basis"]
+    assert set(head["memory"]["train"]) == {"peak_allocated_gib", "peak_reserved_gib", "device_peak_gib", "peak_rss_gib"}
+    assert smoke["perplexity"]["before"] > 0
+    md = jsonl.with_suffix(".md").read_text()
+    assert "| headline | ok |" in md and "## Targets" in md and "not measured" in md
+    assert sorted(p.name for p in copy.iterdir()) == sorted([jsonl.name, jsonl.with_suffix(".md").name])
+
+
+def test_a_slow_step_is_cut_at_its_time_box_and_what_needs_it_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpucheck.TIME_BOX_S, "headline", 2)
+    sleepy = gpucheck.Step("headline", [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(gpucheck, "make_step", lambda check, name, python: sleepy if name == "headline" else
+                        gpucheck.Step(name, [sys.executable, "-c", "print('fine')"]))
+    check = gpucheck.Check(tmp_path / "out", tmp_path / "work", model="embedded")
+    records = gpucheck.run_check(check, ["headline", "smoke", "environment"], budget_s=60)
+    assert [(r["step"], r["status"]) for r in records] == [("headline", "timeout"), ("smoke", "skipped"),
+                                                           ("environment", "ok")]
+    assert records[0]["seconds"] < 10 and "needs the headline step, which is timeout" in records[1]["reason"]
+    assert len(read_jsonl(check.out_dir / f"{check.stem}.jsonl")) == 3
+
+
+def test_results_are_written_after_every_step(tmp_path, monkeypatch):
+    seen = []
+
+    def step(check, name, python):
+        written = check.out_dir / f"{check.stem}.jsonl"
+        seen.append(len(read_jsonl(written)) if written.is_file() else 0)
+        return gpucheck.Step(name, [sys.executable, "-c", "raise SystemExit(3)" if name == "build" else "pass"])
+
+    monkeypatch.setattr(gpucheck, "make_step", step)
+    check = gpucheck.Check(tmp_path / "out", tmp_path / "work")
+    records = gpucheck.run_check(check, ["environment", "build", "headline", "pytest"], budget_s=60)
+    assert seen == [0, 1]  # headline and pytest never started: their prerequisite, build, failed
+    assert [r["status"] for r in records] == ["ok", "failed", "skipped", "skipped"] and records[1]["exit_code"] == 3
+
+
+def test_an_exhausted_budget_skips_the_rest(tmp_path):
+    check = gpucheck.Check(tmp_path / "out", tmp_path / "work", model="embedded")
+    records = gpucheck.run_check(check, ["environment", "smoke"], budget_s=1)
+    assert {r["status"] for r in records} == {"skipped"} and "out of time" in records[0]["reason"]
+
+
+def test_targets_are_judged_from_the_measured_records():
+    headline = {"step": "headline", "status": "ok", "figures": {
+        "memory": {"train": {"peak_reserved_gib": 11.2}}, "card_gib": 16.0, "predicted_peak_gib": 14.4,
+        "prediction_basis": "uncalibrated estimate, ±20%"}}
+    rows = [{"status": "ok", "stack": "lowvram_ft", "seq_len": 1024, "tokens_per_s": 3000, "peak_reserved_gib": 11},
+            {"status": "ok", "stack": "hf", "seq_len": 1024, "tokens_per_s": 1000, "peak_reserved_gib": 44},
+            {"status": "ok", "stack": "lowvram_ft", "seq_len": 2048, "tokens_per_s": 3000, "peak_reserved_gib": 12},
+            {"status": "ok", "stack": "hf", "seq_len": 2048, "tokens_per_s": 2000, "peak_reserved_gib": 44},
+            {"status": "ok", "stack": "lowvram_ft", "seq_len": 8192, "budget_gib": 16},
+            {"status": "OOM", "stack": "lowvram_ft", "seq_len": 16384, "budget_gib": 16}]
+    lines = gpucheck.target_lines([headline, {"step": "bench", "status": "ok", "figures": {"rows": rows}}])
+    assert "11.20 GiB peak reserved: met (goal 12 GiB: met)" in lines[0] and "predicted 14.4 GiB" in lines[0]
+    assert "seq 1024: ours 3.00x the hf stack's tokens/s at 0.25 of its peak reserved: met" in lines[1]
+    assert "seq 2048: ours 1.50x" in lines[2] and "NOT met" in lines[2]
+    assert lines[3] == "longest sequence at batch 1 within 16 GiB: 8192 tokens (NOT met, target >= 16k)"
+    assert gpucheck.target_lines([])[0] == "headline train within 16 GiB: not measured"
+
+
+def test_bad_arguments_are_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft.gpucheck", "--steps", "environment,typo"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --steps") and "Traceback" not in proc.stderr
