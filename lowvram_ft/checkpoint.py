@@ -34,6 +34,7 @@ from functools import cache
 from pathlib import Path
 
 from .errors import EXIT_OUT_OF_MEMORY, UserError
+from .io import write_jsonl
 from .config import Config, ConfigError, diff, load_config, to_dict
 
 CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N folders
@@ -252,9 +253,7 @@ def rewind_metrics(path: Path, step: int) -> list[dict]:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(record)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_jsonl(path, kept)
     return kept
 
 

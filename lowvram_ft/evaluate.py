@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .config import Config, EvalConfig
 from .conversation import Conversation, Message
+from .io import write_atomic, write_json
 from .model import input_device
 
 SUITE = Path(__file__).parent / "assets" / "eval_prompts.yaml"
@@ -264,13 +265,12 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
 
 def write_eval(run_dir: Path, result: dict, samples: list[dict]) -> None:
     from . import report
-    from .pipeline import write_json_atomic, write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "eval_samples.jsonl",
+    write_atomic(run_dir / "eval_samples.jsonl",
                       "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples))
-    write_json_atomic(run_dir / "eval.json", result)
-    write_text_atomic(run_dir / "eval.md", report.eval_markdown(result))
+    write_json(run_dir / "eval.json", result)
+    write_atomic(run_dir / "eval.md", report.eval_markdown(result))
     report.eval_chart(result, run_dir / "eval.png")
 
 
@@ -285,7 +285,7 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
     import dataclasses
 
     from .data import load_data
-    from .model import add_lora, detect_device, import_unsloth, load_model
+    from .model import detect_device, import_unsloth, load_model
 
     if smoke:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(

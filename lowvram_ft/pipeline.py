@@ -7,8 +7,6 @@ the step and checkpoint, out of memory becomes advice, a failed new run leaves n
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import shutil
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 from .errors import UserError
 from . import folders
 from .config import EMBEDDED_MODEL, Config, to_yaml
+from .io import write_atomic as write_text_atomic, write_json as write_json_atomic
 from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from .model import input_device
 
@@ -364,13 +363,3 @@ def format_data_stats(rows: dict, tokens: dict) -> str:
         if tokens.get("cache"):
             parts.append(f"tokenized cache {tokens['cache']}")
     return ", ".join(parts)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .errors import UserError
+from .io import write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Languages
@@ -643,7 +643,7 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
     if not records:
         raise ScoreInputError(f"{input_path}:1: no completions in the file — generate completions first")
     scored = [{**row, **_score_record(row, answer_in)} for row in records]
-    _write_jsonl_atomic(Path(output_path), scored)
+    write_jsonl(Path(output_path), scored)
     return aggregate(scored, trained=trained, zero_shot=zero_shot)
 
 
@@ -690,19 +690,6 @@ def _score_record(row: Mapping, answer_in: str) -> dict:
         return score_sample(row["target_language"], user_language=user, answer_in=answer_in, parsed=parsed)
     return score_sample(row["target_language"], row.get("analysis"), row.get("final"),
                         user_language=user, answer_in=answer_in, truncated=cut)
-
-
-def _write_jsonl_atomic(path: Path, rows: Iterable[Mapping]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
