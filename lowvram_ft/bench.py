@@ -35,6 +35,7 @@ and checkpointing recomputes the forward: MFU is model FLOPs, not hardware FLOPs
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -51,9 +52,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
+from .errors import UserError
 from .gptoss_checkpoint import build_split_checkpoint, describe_loaded
+from .io import write_atomic, write_jsonl
 from .memory import FIELDS, MemoryMonitor, peak_figures, reset_peaks, rss_reader
-from .model import emulated_card_fraction
+from .gptoss_tokenizer import load_gptoss_tokenizer
+from .model import Device, emulated_card_fraction, expert_target_parameters, trainable_parameters
 
 STACKS = ("lowvram_ft", "hf")
 CASES_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "cases"
@@ -112,8 +116,8 @@ RANDOM_MODELS = {
 ROUTES = ("folder", "split-bnb4", "bf16", "in-memory")
 
 
-class BenchError(ValueError):
-    """A case matrix or a request that cannot be run; the message says what to do."""
+class BenchError(UserError, ValueError):
+    """A case matrix or a request that cannot be run; the message says what to do (exit code 2)."""
 
 
 # --------------------------------------------------------------------------- cases and matrices
@@ -765,10 +769,10 @@ def bench_chart(records: list[dict], env: dict, path: Path) -> None:
     kind = "GPU" if gpu else "CPU figures"
     fig.suptitle(f"{kind}: {env['device']['name']}, {env['date']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
 
 
 def chart_value(record: dict | None, key: str) -> float:
@@ -779,12 +783,6 @@ def chart_value(record: dict | None, key: str) -> float:
     return value or 0.0
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    from .pipeline import write_text_atomic as write  # one atomic writer for the package (light import)
-
-    write(path, text)
-
-
 def write_results(records: list[dict], env: dict, out_dir: Path, stem: str) -> Path:
     """<stem>.jsonl (one line per case, environment included), <stem>.md and <stem>.png, atomically.
     Lines already in today's <stem>.jsonl are kept unless this run measured the same case again, so a
@@ -792,8 +790,8 @@ def write_results(records: list[dict], env: dict, out_dir: Path, stem: str) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / f"{stem}.jsonl"
     records = merge_records(read_jsonl(jsonl), [{**r, "environment": env} for r in records])
-    write_text_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
-    write_text_atomic(out_dir / f"{stem}.md", markdown_report(records, env))
+    write_jsonl(jsonl, records)
+    write_atomic(out_dir / f"{stem}.md", markdown_report(records, env))
     if paired(records):
         bench_chart(records, env, out_dir / f"{stem}.png")
     (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)
@@ -916,7 +914,7 @@ def run_case(case: Case, models: "ModelStore", device: dict, log_dir: Path, cons
         return failure_record(case, "error", str(error))
     log(console, f"case {position} {case.name} ...")
     case_file, result_file, log_file = (log_dir / f"{case.slug}.{s}" for s in ("case.json", "result.json", "log"))
-    write_text_atomic(case_file, case.to_json())
+    write_atomic(case_file, case.to_json())
     result_file.unlink(missing_ok=True)
     heartbeat = result_file.with_suffix(".heartbeat.json")
     heartbeat.unlink(missing_ok=True)
@@ -1291,7 +1289,7 @@ def case_main(case_file: Path, result_file: Path) -> int:
     """One case in this process: read it, measure it, write its raw record (atomically)."""
     case = Case.from_dict(json.loads(case_file.read_text(encoding="utf-8")))
     record = measure_case(case, result_file.with_suffix(".heartbeat.json"))
-    write_text_atomic(result_file, json.dumps(record, default=str))
+    write_atomic(result_file, json.dumps(record, default=str))
     return 0
 
 
@@ -1329,7 +1327,7 @@ class Heartbeat:
 
     def __call__(self, monitor: MemoryMonitor) -> None:
         try:
-            write_text_atomic(self.path, json.dumps(self.figures(monitor)))
+            write_atomic(self.path, json.dumps(self.figures(monitor)))
         except OSError:
             pass
 
@@ -1410,8 +1408,6 @@ def train_case(case: Case, monitor: MemoryMonitor, heartbeat: Heartbeat, record:
     it): budget and load (load phase: memory, what loaded), the check that it is what the case asked
     for, the data, training (train phase: memory, timings), and what ran."""
     import torch
-
-    from .model import trainable_parameters
 
     gpu = monitor.gpu
     model, tokenizer, device = load_phase(case, monitor, heartbeat, record)
@@ -1617,9 +1613,6 @@ def load_hf(case: Case, gpu: bool):
     """The plain Hugging Face recipe: no unsloth in this process."""
     import torch
 
-    from .gptoss_tokenizer import load_gptoss_tokenizer
-    from .model import Device
-
     if model_route(case) == "in-memory":
         model = build_in_memory(random_model_config(case.model), case.dtype, "cuda" if gpu else "cpu", case.seed)
         tokenizer = load_gptoss_tokenizer()  # the tokenizer the lowvram_ft stack's checkpoint carries
@@ -1695,8 +1688,6 @@ def add_hf_lora(model, case: Case):
     default, made explicit) upcasts bf16 / fp16 adapters to float32."""
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from .model import expert_target_parameters
 
     experts = expert_target_parameters(model, list(case.lora_targets))
     lora = LoraConfig(r=case.lora_r, lora_alpha=case.lora_alpha, lora_dropout=0.0, bias="none",
@@ -1858,8 +1849,6 @@ def build_random_model(config: dict, out_dir: Path, device: str | None = None) -
     import shutil
 
     import torch
-
-    from .gptoss_tokenizer import load_gptoss_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

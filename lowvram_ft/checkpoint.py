@@ -2,11 +2,13 @@
 advice, free-space checks.
 
 What a checkpoint is. The Trainer's own `checkpoint-N` folder (adapter or weights, optimizer, scheduler,
-RNG states, trainer_state.json with the step and epoch, which with the seeded sampler fix the data
-position) plus `lowvram_ft_state.json` (trained tokens so far, which TRL does not save). Transformers 5.17
-writes it straight into `checkpoint-N`, so a kill mid-write would leave a folder that looks complete:
-here it is written into `checkpoints/.staging/checkpoint-N`, synced, and renamed into place, and only a
-folder whose files are all present and whose trainer_state.json names step N counts as complete.
+RNG states, trainer_state.json with the step, the epoch and the trained tokens, which with the seeded
+sampler fix the data position), written by the Trainer through its public API, plus our mark of
+completion, `lowvram_ft_state.json`: the size and sha256 of every file. The mark is written last, by a
+callback on save (`make_run_callback`), after every process has written its part and the files are
+synced; a checkpoint without it (a kill mid-write) is incomplete and never resumed from, and a stale
+mark is removed before the Trainer writes a checkpoint of the same step again. We rotate checkpoints
+ourselves, among complete ones only.
 
 What a resume may change. `--resume` continues with the run's saved config.yaml. Keys that cannot change
 the trained weights may differ (RESUMABLE_KEYS: evaluation, output, logging and checkpoint cadence,
@@ -30,7 +32,6 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from .errors import EXIT_OUT_OF_MEMORY, UserError
@@ -38,7 +39,6 @@ from .io import write_jsonl
 from .config import Config, ConfigError, diff, load_config, to_dict
 
 CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N folders
-STAGING = ".staging"  # checkpoint-N is written here first, then renamed into CHECKPOINTS
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "lowvram_ft_state.json"
 # A checkpoint is complete when it has these, one RNG file per process (rng_state_files) and one of WEIGHT_FILES.
@@ -104,8 +104,10 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Checkpoint], list[Path]]:
 
 
 def is_complete(path: Path, step: int) -> bool:
-    """Every file a resume needs is there, has the size recorded when it was written (checkpoints
-    written before sizes were recorded: is there) and trainer_state.json names this step."""
+    """Marked complete (STATE_FILE), every file a resume needs is there with the size recorded when it
+    was written, and trainer_state.json names this step."""
+    if not (path / STATE_FILE).is_file():
+        return False
     if not all((path / name).is_file() for name in REQUIRED_FILES + rng_state_files(path)):
         return False
     if size_problem(path) is not None:
@@ -353,8 +355,9 @@ class RunState:
 
 
 def make_run_callback(run: RunState):
-    """A TrainerCallback that keeps `run.step`, honours a stop request (checkpoint, then stop) and runs
-    the testing faults."""
+    """A TrainerCallback that keeps `run.step`, honours a stop request (checkpoint, then stop), marks
+    each checkpoint complete once every process has written it (mark_complete), keeps the newest
+    train.keep_checkpoints complete ones, and runs the testing faults. Public callback API only."""
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
@@ -367,9 +370,6 @@ def make_run_callback(run: RunState):
         def on_step_begin(self, args, state, control, **kwargs):
             fault("step", state.global_step + 1, "begin")
 
-        def on_save(self, args, state, control, **kwargs):
-            run.keep()  # a checkpoint of the new run exists: the run it replaces is no longer needed
-
         def on_step_end(self, args, state, control, **kwargs):
             run.step = state.global_step
             fault("step", state.global_step, "end")
@@ -378,69 +378,59 @@ def make_run_callback(run: RunState):
             if run.stop_signal is not None:
                 control.should_save = True
                 control.should_training_stop = True
+            if args.should_save and save_is_due(args, state, control):
+                folder = checkpoint_dir(Path(args.output_dir).parent) / f"checkpoint-{state.global_step}"
+                (folder / STATE_FILE).unlink(missing_ok=True)  # a stale mark must not cover the files rewritten now
+                _, need = save_sizes(kwargs["model"], args.optim)
+                check_free_space(Path(args.output_dir).parent, need, f"checkpoint {folder.name}")
+
+        def on_save(self, args, state, control, **kwargs):
+            wait_for_every_process()  # each process has written its RNG state
+            if args.should_save:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                fault("checkpoint", state.global_step, "partial", folder)
+                mark_complete(folder, state.global_step, args.world_size)
+                keep_newest(Path(args.output_dir).parent, run.cfg.train.keep_checkpoints)
+            wait_for_every_process()
+            run.keep()  # a checkpoint of the new run exists: the run it replaces is no longer needed
 
     return RunCallback()
 
 
-# --------------------------------------------------------------------------- atomic checkpoints
+def save_is_due(args, state, control) -> bool:
+    """Whether the Trainer will save at the end of this step (its own rule for save_strategy=steps)."""
+    every = args.save_steps if args.save_strategy == "steps" else 0
+    return control.should_save or bool(every and state.global_step % every == 0)
 
 
-@cache
-def atomic_checkpoint_trainer(base: type) -> type:
-    """`base` (a Trainer class) whose checkpoints are written under a temporary name, synced and renamed
-    when complete, after a free-space check; rotation keeps the newest by step number."""
-    from transformers.trainer_utils import rotate_checkpoints
+def mark_complete(folder: Path, step: int, processes: int) -> None:
+    """Sync a checkpoint's files and then write its mark: their sizes and sha256 (STATE_FILE)."""
+    sync_tree(folder)
+    state = {"step": step, "processes": processes, "files": file_manifest(folder)}
+    (folder / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+    sync_tree(folder)
 
-    class AtomicCheckpointTrainer(base):
-        _staging_root: str | None = None
 
-        def _get_output_dir(self, trial):
-            return self._staging_root or super()._get_output_dir(trial)
+def keep_newest(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than those."""
+    complete, broken = list_checkpoints(run_dir)
+    if not complete:
+        return
+    kept = complete[-keep:]
+    oldest_kept = kept[0].step
+    for item in complete[:-keep]:
+        shutil.rmtree(item.path, ignore_errors=True)
+    for path in broken:
+        if int(CHECKPOINT_NAME.fullmatch(path.name).group(1)) < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)
 
-        def _save_checkpoint(self, model, trial):
-            parent = Path(super()._get_output_dir(trial))
-            name = f"checkpoint-{self.state.global_step}"
-            staging = parent / STAGING
-            # Several processes (accelerate launch): every one writes its part (rng_state_{rank}.pth) into
-            # the staging folder that process 0 prepared; process 0 alone publishes it.
-            main = self.args.should_save
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
-                _, need = save_sizes(self.model, self.args.optim)
-                check_free_space(parent.parent, need, f"checkpoint {name}")
-                staging.mkdir(parents=True)
-            self.accelerator.wait_for_everyone()
-            self._staging_root = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging_root = None
-            self.accelerator.wait_for_everyone()
-            if main:
-                state = {"step": self.state.global_step, "trained_tokens": getattr(self, "_total_train_tokens", None),
-                         "processes": self.args.world_size, "files": file_manifest(staging / name)}
-                (staging / name / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
-                sync_tree(staging / name)
-                if (parent / name).exists():
-                    shutil.rmtree(parent / name)
-                (staging / name).rename(parent / name)
-                sync_dir(parent)
-                shutil.rmtree(staging, ignore_errors=True)
-                rotate_checkpoints(str(parent), self.args.save_total_limit, use_mtime=False)
-            self.accelerator.wait_for_everyone()
 
-        def _save_optimizer_and_scheduler(self, output_dir):
-            fault("checkpoint", self.state.global_step)  # testing: die with the weights written, the rest not
-            super()._save_optimizer_and_scheduler(output_dir)
+def wait_for_every_process() -> None:
+    """A barrier when several processes train (accelerate launch / torchrun), else nothing."""
+    import torch.distributed as dist
 
-        def train(self, resume_from_checkpoint=None, **kwargs):
-            tokens = saved_state(Path(resume_from_checkpoint)).get("trained_tokens") if resume_from_checkpoint else None
-            if isinstance(tokens, int) and hasattr(self, "_total_train_tokens"):
-                self._total_train_tokens = tokens  # TRL counts num_tokens itself and does not checkpoint it
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    AtomicCheckpointTrainer.__name__ = AtomicCheckpointTrainer.__qualname__ = base.__name__
-    return AtomicCheckpointTrainer
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def sync_tree(folder: Path) -> None:
@@ -611,10 +601,10 @@ def resumable_overrides(cfg: Config, overrides) -> bool:
 # --------------------------------------------------------------------------- testing hook
 
 
-def fault(where: str, step: int, when: str = "end") -> None:
+def fault(where: str, step: int, when: str = "end", folder: Path | None = None) -> None:
     """Testing hook, off unless LOWVRAM_FT_FAULT is set: a comma-separated list of
     `kill@step=N` (SIGKILL at the end of step N, before its checkpoint), `kill@checkpoint=N` (SIGKILL
-    halfway through writing checkpoint N: weights written, optimizer not), `oom@step=N` (a CUDA
+    while checkpoint N is being written: weights written, optimizer not, no mark), `oom@step=N` (a CUDA
     out-of-memory error as step N begins), and `nospace` (free_bytes reports a full disk)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -623,7 +613,9 @@ def fault(where: str, step: int, when: str = "end") -> None:
         action, _, point = item.strip().partition("@")
         if point != f"{where}={step}":
             continue
-        if action == "kill" and when == "end":
+        if action == "kill" and when == "partial" and folder is not None:
+            (folder / "optimizer.pt").unlink(missing_ok=True)  # as if the kill came before the optimizer was written
+        if action == "kill" and when in ("end", "partial"):
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "oom" and when == "begin":
             import torch

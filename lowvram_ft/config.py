@@ -19,6 +19,8 @@ from typing import Any, Literal
 from .errors import UserError
 
 EMBEDDED_MODEL = "embedded"  # the tiny gpt-oss-shaped model the package builds itself
+EMBEDDED_QWEN3_MODEL = "embedded-qwen3"  # its dense sibling, shaped like Qwen3 (embedded.py)
+EMBEDDED_MODELS = (EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL)
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
 
 
@@ -39,7 +41,8 @@ def doc(text: str, **limits: Any) -> dict:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default=EMBEDDED_MODEL, metadata=doc(
-        "Hub id or local folder; 'embedded' = the tiny gpt-oss-shaped model built offline by the package."))
+        "Hub id or local folder; 'embedded' / 'embedded-qwen3' = the tiny gpt-oss- / Qwen3-shaped model built "
+        "offline by the package."))
     tokenizer: str | None = field(default=None, metadata=doc(
         "Tokenizer to use instead of the model's own; 'gpt-oss' = the real o200k_harmony tokenizer built offline."))
     load_in: Literal["auto", "4bit", "8bit", "16bit"] = field(default="auto", metadata=doc(
@@ -474,7 +477,7 @@ GPT_OSS_RECIPE = ("model.max_seq_length=1024", "model.gradient_checkpointing=uns
 
 def family_recipe(model_name: str) -> tuple[str, ...]:
     """The default overrides for a model family when no --config is given (gpt-oss: GPT_OSS_RECIPE)."""
-    if model_name == EMBEDDED_MODEL:
+    if model_name in EMBEDDED_MODELS:
         return ()
     if "gpt-oss" in model_name.lower() or _local_model_type(model_name) == "gpt_oss":
         return GPT_OSS_RECIPE

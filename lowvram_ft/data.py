@@ -1059,9 +1059,9 @@ def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict)
     """Ids of the whole rendered conversation; assistant spans found by rendering growing prefixes.
 
     For assistant turn i: its text starts where the render of messages[:i] with the generation prompt
-    ends, and ends where the render of messages[:i+1] ends — provided both are prefixes of the whole
-    render. Templates that rewrite history (dropping earlier reasoning) are retried without that turn's
-    reasoning; a turn that still cannot be located stays untrained and is counted.
+    ends, and ends with its stop token (or where the render of messages[:i+1] ends) — provided both are
+    prefixes of the whole render (assistant_span). Templates that rewrite history (dropping earlier
+    reasoning) are handled there; a turn that still cannot be located stays untrained and is counted.
     """
     messages = chat_messages(conv)
     full = render_chat(tokenizer, messages, False)
@@ -1102,14 +1102,37 @@ def render_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str
 
 
 def assistant_span(tokenizer, messages: list[dict], index: int, full: str) -> tuple[int, int] | None:
+    """Where assistant turn `index` lies in `full`, the render of the whole conversation; None when the
+    template's output does not let it be located.
+
+    It starts where the render of the history with the generation prompt ends (so the training text
+    holds exactly the prompt the model is given at inference) and ends just after its first stop token
+    (the tokenizer's eos): generation stops there, so glue the template writes after it (ChatML's
+    newline) is context, not trained. The turn's text is found as the render of messages[:index+1]
+    that is a prefix of `full`, with its reasoning or without it (templates that drop the reasoning of
+    earlier turns); else, for templates that render a closing turn unlike a history turn (Qwen3 gives
+    a closing turn without reasoning an empty <think></think>), as what precedes the next message,
+    up to its stop token.
+    """
     prompt = render_chat(tokenizer, messages[:index], True)
     if not full.startswith(prompt):
         return None
+    start = len(prompt)
     for message in (messages[index], without_reasoning(messages[index])):
         upto = render_chat(tokenizer, messages[:index] + [message], False)
-        if full.startswith(upto) and len(upto) > len(prompt):
-            return len(prompt), len(upto)
+        if full.startswith(upto) and len(upto) > start:
+            return start, through_stop(full, start, len(upto), tokenizer.eos_token) or len(upto)
+    if index + 1 < len(messages):
+        upto = render_chat(tokenizer, messages[:index + 2], False)
+        end = through_stop(full, start, len(upto), tokenizer.eos_token) if full.startswith(upto) else None
+        return (start, end) if end else None
     return None
+
+
+def through_stop(text: str, start: int, end: int, stop: str | None) -> int | None:
+    """The position just after the first `stop` in text[start:end], or None."""
+    found = text.find(stop, start, end) if stop else -1
+    return found + len(stop) if found >= 0 else None
 
 
 def without_reasoning(message: dict) -> dict:

@@ -151,7 +151,10 @@ def cut_at_stop(ids: list[int], stops: list[int], pad: int, tokenizer) -> dict:
 
 
 def parse_output(text: str, stopped: bool, harmony: bool):
-    """Split a completion into analysis and final: Harmony channels, or <think> tags for other models."""
+    """Split a completion into analysis and final: Harmony channels, or <think> tags for other models
+    (Qwen3, DeepSeek-R1: `<think>reasoning</think>answer`; the opening tag may sit in the prompt).
+    A completion still inside <think> is truncated when the token limit cut it, unparsed when the
+    model ended its turn there without an answer; one without tags is an answer without reasoning."""
     from .scoring import Parsed, parse_completion
 
     if harmony:
@@ -162,6 +165,8 @@ def parse_output(text: str, stopped: bool, harmony: bool):
     if "</think>" in body:
         analysis, _, final = body.partition("</think>")
         return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
+    if body.lstrip().startswith("<think>"):
+        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
     return Parsed(None, body.strip(), True, not stopped)
 
 

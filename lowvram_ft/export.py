@@ -16,7 +16,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import UserError
-from . import folders
+from . import embedded, folders
+from .config import EMBEDDED_MODELS
 
 FORMATS = ("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf")
 # Our format name -> Unsloth's save_method. "merged_4bit" alone is refused by Unsloth as a guard against
@@ -417,9 +418,7 @@ def front_matter(base: str, fmt: str, hub_datasets: list[str]) -> list[str]:
 
 
 def describe_base(name: str) -> str:
-    if name == "embedded":
-        return "the embedded tiny gpt-oss-shaped model (built offline by lowvram_ft; a test model, not for use)"
-    return name
+    return embedded.describe(name) if name in EMBEDDED_MODELS else name
 
 
 def dataset_license(source: str) -> tuple[str, str]:

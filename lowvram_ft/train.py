@@ -87,7 +87,8 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing:
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
-        save_total_limit=t.keep_checkpoints,
+        save_total_limit=None,  # rotation is ours, among complete checkpoints (checkpoint.keep_newest)
+        include_num_input_tokens_seen="non_padding",  # trained tokens, saved in trainer_state.json and resumed
         report_to=trackers or "none",
         run_name=Path(checkpoint_dir).parent.name,  # the run folder's name in TensorBoard / MLflow / W&B
         max_length=cfg.model.max_seq_length,
@@ -104,13 +105,11 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing:
 def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=(),
                   packing: bool | None = None):
     """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied), whose
-    checkpoints are written atomically (checkpoint.atomic_checkpoint_trainer)."""
+    checkpoints are marked complete by checkpoint.make_run_callback (public callback API only)."""
     from trl import SFTConfig, SFTTrainer
 
-    from .checkpoint import atomic_checkpoint_trainer
-
     args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints"), packing))
-    trainer = atomic_checkpoint_trainer(SFTTrainer)(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -207,7 +206,8 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
             if "loss" not in logs:
                 return
             now = time.perf_counter()
-            tokens = int(logs.get("num_tokens", 0))
+            # The Trainer's count of non-padding tokens (saved with checkpoints, summed over processes).
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or logs.get("num_tokens", 0))
             window = max(now - (self.last_time or now), 1e-9)
             tokens_per_s = (tokens - self.last_tokens) / window if tokens else 0.0
             self.last_time, self.last_tokens, self.trained_tokens = now, tokens, tokens

@@ -365,16 +365,16 @@ def test_chat_template_masks_only_assistant_spans(tmp_path, chatml_tok):
     rows = rows_by_where(loaded, tokenized)
     row = rows[f"{MT}:1"]
     assert trained_text(chatml_tok, row["input_ids"], row["labels"]) == [
-        "<think>\nL'utilisateur demande 2 + 3. La réponse est 5.\n</think>\n\n2 + 3 = 5.<|im_end|>\n"]
+        "<think>\nL'utilisateur demande 2 + 3. La réponse est 5.\n</think>\n\n2 + 3 = 5.<|im_end|>"]
     assert masked_text(chatml_tok, row["input_ids"], row["labels"]) == [
         "<|im_start|>system\nreasoning language: French\n\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"]
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n", "\n"]  # generation stops at <|im_end|>
     row = rows[f"{MESSAGES}:4"]
     assert trained_text(chatml_tok, row["input_ids"], row["labels"]) == [
-        "<think>\nAny fruit works.\n</think>\n\nApple.<|im_end|>\n", "Banana.<|im_end|>\n"]
+        "<think>\nAny fruit works.\n</think>\n\nApple.<|im_end|>", "Banana.<|im_end|>"]
     loaded, last = tokenize(tmp_path, chatml_tok, MESSAGES, train_on="last_assistant")
     row = rows_by_where(loaded, last)[f"{MESSAGES}:4"]
-    assert trained_text(chatml_tok, row["input_ids"], row["labels"]) == ["Banana.<|im_end|>\n"]
+    assert trained_text(chatml_tok, row["input_ids"], row["labels"]) == ["Banana.<|im_end|>"]
 
 
 def test_template_that_rewrites_history_still_masks_every_turn(tmp_path):
@@ -385,7 +385,7 @@ def test_template_that_rewrites_history_still_masks_every_turn(tmp_path):
     _, tokenized = tokenize(tmp_path, tok, path)
     row = tokenized.dataset[0]
     assert trained_text(tok, row["input_ids"], row["labels"]) == [
-        "Apple.<|im_end|>\n", "<think>\nNot apple.\n</think>\n\nPear.<|im_end|>\n"]
+        "Apple.<|im_end|>", "<think>\nNot apple.\n</think>\n\nPear.<|im_end|>"]
     assert tokenized.stats["untrained_turns"] == 0 and tokenized.stats["reasoning_dropped_rows"] == 0
 
 

@@ -87,6 +87,25 @@ def test_parse_output_harmony_and_think_tags():
     assert (plain.analysis, plain.final, plain.truncated) == (None, "Just an answer.", True)
 
 
+def test_parse_output_scores_qwen3_think_tags():
+    """Qwen3's completions (its generation prompt ends at `<|im_start|>assistant\\n`): the reasoning in
+    <think>, scored for the requested language; still thinking at the end is truncated or unparsed."""
+    from lowvram_ft.scoring import Parsed, score_sample
+
+    reasoning = "Je vais résoudre cela étape par étape. D'abord, je convertis le temps en heures."
+    answer = "The delivery van covers a distance of two hundred kilometres."
+    done = parse_output(f"<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>", stopped=True, harmony=False)
+    assert done == Parsed(reasoning, answer, True, False)
+    scores = score_sample("French", parsed=done)
+    assert (scores["scorable"], scores["think_match"], scores["answer_match"]) == (True, True, True)
+    assert score_sample("German", parsed=done)["think_match"] is False
+    assert parse_output("<think>\nJe vais", stopped=False, harmony=False) == Parsed("Je vais", None, True, True)
+    ended = parse_output(f"<think>\n{reasoning}<|im_end|>", stopped=True, harmony=False)
+    assert ended == Parsed(reasoning, None, False, False) and score_sample("French", parsed=ended)["scorable"] is False
+    empty = parse_output(f"<think>\n\n</think>\n\n{answer}<|im_end|>", stopped=True, harmony=False)
+    assert empty == Parsed("", answer, True, False) and score_sample("French", parsed=empty)["think_match"] is None
+
+
 def test_missing_suite_is_an_eval_error(tmp_path):
     with pytest.raises(EvalError, match="prompt suite not found"):
         load_suite(str(tmp_path / "nope.yaml"))

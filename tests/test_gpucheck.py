@@ -77,12 +77,13 @@ def test_targets_are_judged_from_the_measured_records():
     headline = {"step": "headline", "status": "ok", "figures": {
         "memory": {"train": {"peak_reserved_gib": 11.2}}, "card_gib": 16.0, "predicted_peak_gib": 14.4,
         "prediction_basis": "uncalibrated estimate, ±20%"}}
-    rows = [{"status": "ok", "stack": "lowvram_ft", "seq_len": 1024, "tokens_per_s": 3000, "peak_reserved_gib": 11},
-            {"status": "ok", "stack": "hf", "seq_len": 1024, "tokens_per_s": 1000, "peak_reserved_gib": 44},
-            {"status": "ok", "stack": "lowvram_ft", "seq_len": 2048, "tokens_per_s": 3000, "peak_reserved_gib": 12},
-            {"status": "ok", "stack": "hf", "seq_len": 2048, "tokens_per_s": 2000, "peak_reserved_gib": 44},
-            {"status": "ok", "stack": "lowvram_ft", "seq_len": 8192, "budget_gib": 16},
-            {"status": "OOM", "stack": "lowvram_ft", "seq_len": 16384, "budget_gib": 16}]
+    def row(stack, seq, status="ok", tokens_per_s=None, reserved=None, budget=None):
+        return {"status": status, "stack": stack, "case": {"seq_len": seq, "budget_gib": budget},
+                "tokens_per_s": tokens_per_s, "memory": {"train": {"peak_reserved_gib": reserved}}}
+
+    rows = [row("lowvram_ft", 1024, tokens_per_s=3000, reserved=11), row("hf", 1024, tokens_per_s=1000, reserved=44),
+            row("lowvram_ft", 2048, tokens_per_s=3000, reserved=12), row("hf", 2048, tokens_per_s=2000, reserved=44),
+            row("lowvram_ft", 8192, budget=16), row("lowvram_ft", 16384, status="OOM", budget=16)]
     lines = gpucheck.target_lines([headline, {"step": "bench", "status": "ok", "figures": {"rows": rows}}])
     assert "11.20 GiB peak reserved: met (goal 12 GiB: met)" in lines[0] and "predicted 14.4 GiB" in lines[0]
     assert "seq 1024: ours 3.00x the hf stack's tokens/s at 0.25 of its peak reserved: met" in lines[1]

@@ -95,8 +95,9 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     # 2. Resumed from 4, SIGKILL while checkpoint 8 is half written: 4 stays the newest complete one.
     proc = train(run_dir, "--resume", fault="kill@checkpoint=8")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    partial = run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-8"
+    partial = run_dir / "checkpoints" / "checkpoint-8"
     assert (partial / "adapter_model.safetensors").is_file() and not (partial / "optimizer.pt").exists()
+    assert not (partial / checkpoint.STATE_FILE).exists(), "a checkpoint killed mid-write has no mark"
     assert steps_of(run_dir) == [4]
 
     # 3. Resumed from 4 again (the half-written 8 ignored), SIGKILL at the end of step 11 (after 8, past the epoch).
@@ -104,7 +105,7 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "continuingfrom" in squeeze(proc.stdout) and "checkpoint-4(step4)" in squeeze(proc.stdout)
     assert steps_of(run_dir) == [4, 8]
-    assert not (run_dir / "checkpoints" / checkpoint.STAGING).exists()
+    assert checkpoint.list_checkpoints(run_dir)[1] == [], "the half-written 8 was rewritten and marked"
 
     # 4. Resumed from 8 to the end.
     proc = train(run_dir, "--resume")
@@ -151,7 +152,7 @@ def test_a_truncated_file_makes_a_checkpoint_incomplete_and_the_older_one_is_use
     for step in (4, 8):
         folder = run_dir / "checkpoints" / f"checkpoint-{step}"
         (folder / "optimizer.pt").write_bytes(b"\0" * 5000)
-        (folder / checkpoint.STATE_FILE).write_text(json.dumps({"files": checkpoint.file_manifest(folder)}))
+        checkpoint.mark_complete(folder, step, processes=1)
     with open(run_dir / "checkpoints" / "checkpoint-8" / "optimizer.pt", "r+b") as handle:
         handle.truncate(1000)
     latest = checkpoint.resume_point(run_dir)
@@ -234,6 +235,7 @@ def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
         for name in (*checkpoint.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
             (folder / name).write_text("x")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        checkpoint.mark_complete(folder, step, processes=1)
     if finished:
         (run_dir / "summary.json").write_text("{}")
     return run_dir
@@ -259,11 +261,11 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
     cases = {
         "missing": (tmp_path / "nowhere", "no such run folder — nothing to resume"),
         "finished": (fake_run(tmp_path / "f", finished=True), "this run has finished (summary.json) — nothing to resume"),
-        "no checkpoint": (fake_run(tmp_path / "n", steps=()), "no complete checkpoint to resume from"),
+        "no checkpoint": (fake_run(tmp_path / "n", steps=()), "no intact checkpoint to resume from"),
     }
     broken = fake_run(tmp_path / "b", steps=(4,))
     (broken / "checkpoints" / "checkpoint-4" / "optimizer.pt").unlink()
-    cases["broken checkpoint"] = (broken, "no complete checkpoint to resume from")
+    cases["broken checkpoint"] = (broken, "no intact checkpoint to resume from")
     for name, (run_dir, message) in cases.items():
         proc = cli("train", "--output", str(run_dir), "--resume")
         assert proc.returncode == 2, name
@@ -296,14 +298,14 @@ def test_run_changes_allow_only_what_cannot_change_the_weights():
     assert [line.split(":")[0] for line in changed] == ["lora.r", "train.batch_size", "train.max_steps"]
 
 
-def test_incomplete_and_staging_checkpoints_are_ignored(tmp_path):
-    run_dir = fake_run(tmp_path, steps=(4, 8, 12))
+def test_incomplete_and_unmarked_checkpoints_are_ignored(tmp_path):
+    run_dir = fake_run(tmp_path, steps=(4, 8, 12, 16))
     (run_dir / "checkpoints" / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 1')  # cut short
     (run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 7}')  # not step 8
-    (run_dir / "checkpoints" / checkpoint.STAGING / "checkpoint-16").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-16" / checkpoint.STATE_FILE).unlink()  # killed before its mark
     complete, broken = checkpoint.list_checkpoints(run_dir)
     assert [c.step for c in complete] == [4]
-    assert sorted(p.name for p in broken) == ["checkpoint-12", "checkpoint-8"]
+    assert sorted(p.name for p in broken) == ["checkpoint-12", "checkpoint-16", "checkpoint-8"]
     assert checkpoint.resume_point(run_dir).step == 4
 
 
