@@ -7,7 +7,7 @@ PIPQ    := --disable-pip-version-check -q
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test smoke bench lock clean gpu-kit gpu-check
+.PHONY: venv demo test test-fast smoke bench lock clean gpu-kit gpu-check
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The unit tier: no model is trained or loaded (seconds); `make test` runs it and the end-to-end tier.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # The demo's adapter when `make demo` has run (base vs tuned), else the embedded base model alone.
 smoke: venv

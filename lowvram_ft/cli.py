@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="statistics, rendered examples with trained tokens, --check, --export")
     add_run_options(data)
     data.add_argument("--show", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
-    data.add_argument("--export", metavar="FILE.jsonl", help="write text, input_ids and labels per example")
+    data.add_argument("--export", metavar="FILE.jsonl",
+                      help="write source (FILE:ROW), text, input_ids and labels per training example, in input order")
     data.add_argument("--check", action="store_true", help="validate every row, report every problem, load no model")
     data.set_defaults(run=run_data)
 

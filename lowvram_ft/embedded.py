@@ -7,7 +7,8 @@
   in `<think>…</think>`, earlier turns shown without their reasoning), copied verbatim from Unsloth's
   registry (`unsloth.chat_templates.CHAT_TEMPLATES["qwen3"]`, checked by a test).
 
-Each is about a million parameters, so the whole pipeline — Unsloth loading, LoRA, rendering,
+Both have two layers of width 128 (gpt-oss 1.1M parameters, most of them in idle experts; Qwen3 0.66M,
+about the same compute per token), so the whole pipeline — Unsloth loading, LoRA, rendering,
 evaluation, export — runs on two CPU cores in minutes. The tokenizer is a byte-level BPE trained on the
 shipped sample data plus the family's special tokens. Both builds are deterministic: the same package
 version builds the same files, byte for byte, into a cache folder named after the recipe's fingerprint.
@@ -25,7 +26,8 @@ from pathlib import Path
 from .config import EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL
 
 ASSETS = Path(__file__).parent / "assets"
-QWEN3_TEMPLATE = ASSETS / "chat_templates" / "qwen3.jinja"  # Unsloth's "qwen3" registry entry, verbatim
+TEMPLATES = ASSETS / "chat_templates"
+QWEN3_TEMPLATE = TEMPLATES / "qwen3.jinja"  # Unsloth's CHAT_TEMPLATES["qwen3"], verbatim
 HARMONY_SPECIAL_TOKENS = [
     "<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
     "<|start|>", "<|end|>", "<|message|>", "<|call|>",
@@ -50,11 +52,12 @@ MODEL_SHAPE = dict(
     tie_word_embeddings=False,
 )
 # Shape of the tiny Qwen3: Qwen3-0.6B's layout (GQA 16:8 → 4:2, MLP 3x hidden, tied embeddings, RoPE
-# theta 1e6, every layer full attention) scaled down to about the tiny gpt-oss's size (~1M parameters).
+# theta 1e6, every layer full attention) at the tiny gpt-oss's width and depth, so that a training step
+# costs about the same (0.66M parameters; a third layer would make each step ~60% slower).
 QWEN3_SHAPE = dict(
     hidden_size=128,
     intermediate_size=384,
-    num_hidden_layers=3,
+    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=32,
@@ -74,7 +77,9 @@ class Recipe:
     name: str                 # the model name users pass (--model / model.name)
     family: str               # cache folder prefix, and what the model card calls it
     architecture: str         # transformers class prefix: GptOss → GptOssConfig, GptOssForCausalLM
+    model_type: str           # config.json's model_type
     shape: dict
+    template: str             # "harmony" (harmony.py's renderer) or a file in assets/chat_templates
     special_tokens: list[str]  # special added tokens, first in the vocabulary (ids 0, 1, ...)
     bos: str | None
     eos: str                  # the tokenizer's end of turn: where generation stops
@@ -85,21 +90,23 @@ class Recipe:
     version: str = "1"        # bump when the build code changes, so cached builds are rebuilt
 
     def chat_template(self) -> str:
-        if self.architecture == "GptOss":
+        if self.template == "harmony":
             from .harmony import chat_template
 
             return chat_template()
-        return QWEN3_TEMPLATE.read_text(encoding="utf-8")
+        return (TEMPLATES / self.template).read_text(encoding="utf-8")
 
 
 RECIPES = {
     EMBEDDED_MODEL: Recipe(
-        name=EMBEDDED_MODEL, family="gpt-oss", architecture="GptOss", shape=MODEL_SHAPE,
+        name=EMBEDDED_MODEL, family="gpt-oss", architecture="GptOss", model_type="gpt_oss", shape=MODEL_SHAPE,
+        template="harmony",
         special_tokens=HARMONY_SPECIAL_TOKENS, bos="<|startoftext|>", eos="<|return|>", pad="<|endoftext|>",
         # gpt-oss stops on <|return|> (end of answer) and <|call|> (tool call).
         stop_tokens=["<|return|>", "<|call|>"], sampling=dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)),
     EMBEDDED_QWEN3_MODEL: Recipe(
-        name=EMBEDDED_QWEN3_MODEL, family="qwen3", architecture="Qwen3", shape=QWEN3_SHAPE,
+        name=EMBEDDED_QWEN3_MODEL, family="qwen3", architecture="Qwen3", model_type="qwen3", shape=QWEN3_SHAPE,
+        template=QWEN3_TEMPLATE.name,
         # Qwen3's order and roles: <|endoftext|> pads (and is the config's bos), <|im_end|> ends a turn.
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
         pad="<|endoftext|>", stop_tokens=["<|im_end|>", "<|endoftext|>"],
@@ -152,8 +159,7 @@ def planner_config(name: str) -> dict:
     """The config.json the planner sizes an embedded model from, without building it (vocabulary: the
     BPE size plus the added tokens)."""
     recipe = recipe_for(name)
-    model_type = {"GptOss": "gpt_oss", "Qwen3": "qwen3"}[recipe.architecture]
-    return {"model_type": model_type, "vocab_size": VOCAB_SIZE + len(recipe.added_tokens), **recipe.shape}
+    return {"model_type": recipe.model_type, "vocab_size": VOCAB_SIZE + len(recipe.added_tokens), **recipe.shape}
 
 
 def describe(name: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .config import Config, EvalConfig
 from .conversation import Conversation, Message
+from .data import chat_messages, render_chat
 from .io import write_atomic, write_json
 from .model import input_device
 
@@ -98,9 +99,7 @@ def render_prompts(cases: list[Case], tokenizer, cfg: Config) -> list[str]:
         return [render_prompt(case_conversation(c), opts) for c in cases]
     if not getattr(tokenizer, "chat_template", None):
         raise EvalError("this tokenizer has no chat template — use a chat model, or --tokenizer gpt-oss for gpt-oss")
-    return [tokenizer.apply_chat_template(
-        [{"role": "system", "content": f"reasoning language: {c.target_language}"}, {"role": "user", "content": c.user}],
-        tokenize=False, add_generation_prompt=True) for c in cases]
+    return [render_chat(tokenizer, chat_messages(case_conversation(c)), True) for c in cases]
 
 
 def stop_token_ids(tokenizer) -> list[int]:

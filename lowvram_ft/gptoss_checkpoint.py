@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from . import folders
 from .gptoss_tokenizer import load_gptoss_tokenizer
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ def build_split_checkpoint(config: dict, out_dir: Path, device: str | None = Non
     """
     import torch
 
+    folders.refuse_foreign(out_dir, "checkpoint", "--out")  # never replace a folder this tool did not write
     layout = split_layout_config(config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
@@ -162,9 +164,8 @@ def build_split_checkpoint(config: dict, out_dir: Path, device: str | None = Non
         if with_tokenizer:
             load_gptoss_tokenizer().save_pretrained(str(staging))
         staging.chmod(0o755)  # mkdtemp makes it owner-only
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        folders.mark(staging, "checkpoint")
+        folders.swap_into(staging, out_dir)  # an earlier checkpoint of ours is replaced only now
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

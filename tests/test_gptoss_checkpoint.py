@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lowvram_ft import folders
 from lowvram_ft import gptoss_checkpoint as ckpt
 from lowvram_ft.gptoss_checkpoint import build_split_checkpoint, split_layout_config, split_layout_tensors
 
@@ -165,9 +166,19 @@ def test_a_failed_build_leaves_no_folder(tmp_path, monkeypatch):
     earlier = tmp_path / "model"
     earlier.mkdir()
     (earlier / "config.json").write_text("{}")
+    folders.mark(earlier, "checkpoint")  # an earlier checkpoint of ours: replaced only by a finished build
     with pytest.raises(RuntimeError, match="disk full"):
         build_split_checkpoint(TINY, earlier, device="cpu", with_tokenizer=False)
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (earlier / "config.json").read_text() == "{}"
+
+
+def test_a_folder_this_tool_did_not_write_is_never_replaced(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(folders.FolderError, match="did not write"):
+        build_split_checkpoint(TINY, mine, device="cpu", with_tokenizer=False)
+    assert (mine / "notes.txt").read_text() == "keep" and [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------- (c) (d) through Unsloth

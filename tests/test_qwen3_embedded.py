@@ -1,0 +1,292 @@
+"""The embedded Qwen3-shaped default (`embedded-qwen3`): a dense family trained, evaluated and exported
+end to end on the CPU, rendered with Qwen3's real chat template.
+
+Fast tier: the build (shape, tied embeddings, tokens, template, determinism), and the training text
+under Qwen3's template — the prompt of each example is exactly what the template renders for
+inference, the trained tokens exactly what the model generates (reasoning in <think>, answer,
+<|im_end|>), earlier turns without their reasoning as Qwen3 renders them.
+Slow tier: one training run per session (configs/embedded-qwen3.yaml); each test reads its outputs
+and asserts an effect that could fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import precision_atol
+
+from lowvram_ft.config import load_config
+from lowvram_ft.conversation import Conversation, Message
+from lowvram_ft.embedded import QWEN3_TEMPLATE, build_embedded, embedded_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+CONFIG = "configs/embedded-qwen3.yaml"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir("embedded-qwen3"))
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def test_build_is_a_small_tied_qwen3_and_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    build_embedded(tmp_path / "a", "embedded-qwen3")
+    build_embedded(tmp_path / "b", "embedded-qwen3")
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json",
+                 "generation_config.json", "chat_template.jinja"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["tie_word_embeddings"] is True
+    assert config["num_key_value_heads"] < config["num_attention_heads"], "grouped-query attention"
+    weights = load_file(str(tmp_path / "a" / "model.safetensors"))
+    names, parameters = list(weights), sum(w.numel() for w in weights.values())
+    assert any("q_norm" in n for n in names) and any("k_norm" in n for n in names)
+    assert not any(n.startswith("lm_head") for n in names), "lm_head is the embedding, not a stored copy"
+    assert 0.5e6 < parameters < 1.5e6, parameters
+    generation = json.loads((tmp_path / "a" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [config["eos_token_id"], config["pad_token_id"]]  # <|im_end|>, <|endoftext|>
+
+
+def test_tokenizer_has_the_tokens_qwen3s_template_writes(tokenizer):
+    for token in ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"):
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>" and tokenizer.bos_token is None
+    ids = tokenizer("<think>\nHmm.\n</think>\n\nYes.<|im_end|>", add_special_tokens=False)["input_ids"]
+    # As in Qwen3's tokenizer, the think tags are added tokens that decoding keeps.
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\nHmm.\n</think>\n\nYes."
+    assert tokenizer.chat_template == QWEN3_TEMPLATE.read_text(encoding="utf-8")
+
+
+def test_chat_template_is_unsloths_qwen3_registry_entry():
+    """The shipped template is the string Unsloth registers as CHAT_TEMPLATES["qwen3"], verbatim. Read from
+    the installed unsloth/chat_templates.py without importing unsloth (which would patch transformers for
+    every test after this one, and takes a minute on a busy 2-core machine)."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("unsloth").origin).with_name("chat_templates.py").read_text(encoding="utf-8")
+    strings, registered = {}, None
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target, value = node.targets[0], node.value
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            strings[target.id] = value.value
+        elif (isinstance(target, ast.Subscript) and ast.unparse(target) == "CHAT_TEMPLATES['qwen3']"
+              and isinstance(value, ast.Tuple)):
+            registered = strings[ast.unparse(value.elts[0])]
+    assert registered == QWEN3_TEMPLATE.read_text(encoding="utf-8")
+
+
+def test_config_names_the_embedded_qwen3_and_its_attention_and_mlp():
+    cfg = load_config(ROOT / CONFIG)
+    assert cfg.model.name == "embedded-qwen3"
+    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "embed_tokens" in cfg.lora.modules_to_save
+
+
+def test_model_name_resolves_to_the_built_folder():
+    from lowvram_ft.model import resolve_model_path
+
+    assert resolve_model_path("embedded-qwen3") == str(embedded_model_dir("embedded-qwen3"))
+    assert resolve_model_path("embedded") == str(embedded_model_dir("embedded"))
+
+
+# --------------------------------------------------------------------------- what is trained
+
+
+SINGLE = Conversation((
+    Message("system", "You are a helpful assistant."),
+    Message("user", "What is 2 + 3?"),
+    Message("assistant", "2 + 3 = 5.", thinking="L'utilisateur demande 2 + 3. La réponse est 5."),
+), reasoning_language="French")
+MULTI = Conversation((
+    Message("user", "Name a fruit."),
+    Message("assistant", "Apple.", thinking="Any fruit works."),
+    Message("user", "Another one?"),
+    Message("assistant", "Pear.", thinking="Not an apple, then."),
+), reasoning_language="English")
+# The same conversations as a user would send them to the model (the reasoning language is a system line).
+MESSAGES = {
+    "single": [
+        {"role": "system", "content": "reasoning language: French\n\nYou are a helpful assistant."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "2 + 3 = 5.", "reasoning_content": "L'utilisateur demande 2 + 3. La réponse est 5."},
+    ],
+    "multi": [
+        {"role": "system", "content": "reasoning language: English"},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple.", "reasoning_content": "Any fruit works."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Pear.", "reasoning_content": "Not an apple, then."},
+    ],
+}
+TRAINED = {
+    "single": ["<think>\nL'utilisateur demande 2 + 3. La réponse est 5.\n</think>\n\n2 + 3 = 5.<|im_end|>"],
+    # Qwen3 renders an earlier turn without its reasoning: trained as rendered, its answer only.
+    "multi": ["Apple.<|im_end|>", "<think>\nNot an apple, then.\n</think>\n\nPear.<|im_end|>"],
+}
+
+
+def tokenize(conversation, tokenizer, tmp_path):
+    from lowvram_ft.data import tokenize_data
+
+    cfg = load_config(overrides={"data": {"cache_dir": str(tmp_path / "cache")}})
+    tokenized = tokenize_data([conversation], tokenizer, cfg)
+    assert tokenized.stats["untrained_turns"] == 0 and tokenized.stats["reasoning_dropped_rows"] == 0
+    return tokenized.dataset[0]
+
+
+@pytest.mark.parametrize("case, conversation", [("single", SINGLE), ("multi", MULTI)])
+def test_prompt_is_the_inference_prompt_and_only_the_assistant_part_trains(case, conversation, tokenizer, tmp_path):
+    from lowvram_ft.data import runs
+
+    row = tokenize(conversation, tokenizer, tmp_path)
+    ids, labels = row["input_ids"], row["labels"]
+    render = tokenizer.apply_chat_template
+    # The training text is what the model's own template renders for this conversation ...
+    assert tokenizer.decode(ids) == render(MESSAGES[case], tokenize=False)
+    # ... its prompt part is exactly the generation prompt of the history, token for token ...
+    prompt = render(MESSAGES[case][:-1], add_generation_prompt=True, tokenize=False)
+    last_start = max(i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100))
+    assert ids[:last_start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # ... and the trained tokens are exactly what the model generates after it, up to its stop token.
+    trained = [tokenizer.decode(run) for is_trained, run in runs(ids, labels) if is_trained]
+    assert trained == TRAINED[case]
+    assert all(label in (-100, token) for token, label in zip(ids, labels))
+
+
+def test_evaluation_and_chat_ask_with_the_training_prompt(tokenizer, tmp_path):
+    from lowvram_ft.chat import render
+    from lowvram_ft.evaluate import Case, parse_output, render_prompts
+
+    cfg = load_config()
+    question = Conversation((Message("user", "What is 2 + 3?"),), reasoning_language="French")
+    row = tokenize(Conversation(question.messages + (Message("assistant", "5.", thinking="Je calcule."),),
+                                reasoning_language="French"), tokenizer, tmp_path)
+    first_trained = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    prompt = tokenizer.decode(row["input_ids"][:first_trained])
+    assert render_prompts([Case("p", "math", "What is 2 + 3?", "French", 0)], tokenizer, cfg) == [prompt]
+    assert render(question, tokenizer, cfg.data.date) == prompt
+    completion = tokenizer.decode(row["input_ids"][first_trained:])  # what a model that learned it generates
+    parsed = parse_output(completion, stopped=True, harmony=False)
+    assert (parsed.analysis, parsed.final, parsed.parsed_ok, parsed.truncated) == ("Je calcule.", "5.", True, False)
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def qwen3_run(tmp_path_factory):
+    """One `make demo`-style run of configs/embedded-qwen3.yaml, exported as a LoRA adapter."""
+    run_dir = tmp_path_factory.mktemp("qwen3") / "run"
+    started = time.perf_counter()
+    proc = cli("train", "--config", CONFIG, "--output", str(run_dir), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seconds = time.perf_counter() - started
+    export = cli("export", "--run", str(run_dir), "--format", "lora")
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    return {"dir": run_dir, "stdout": proc.stdout, "seconds": seconds, "lora": run_dir / "export" / "lora"}
+
+
+@pytest.mark.slow
+def test_loss_falls(qwen3_run):
+    losses = [r["loss"] for r in read_jsonl(qwen3_run["dir"] / "metrics.jsonl")]
+    assert losses[0] > 7.0, "a random model starts near ln(vocab)"
+    assert losses[-1] < 0.4 * losses[0], losses
+    summary = json.loads((qwen3_run["dir"] / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["device"]["kind"] == "cpu"
+
+
+@pytest.mark.slow
+def test_lora_moved_attention_and_mlp_and_kept_the_embeddings_tied(qwen3_run):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(qwen3_run["dir"] / "adapter" / "adapter_model.safetensors"))
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        lora_b = [v for k, v in tensors.items() if f".{projection}.lora_B" in k]
+        assert lora_b, projection
+        # LoRA B starts at exactly zero: non-zero means training changed the projection's weights.
+        assert all(float(v.abs().max()) > 1e-4 for v in lora_b), projection
+    config = json.loads((qwen3_run["dir"] / "adapter" / "adapter_config.json").read_text())
+    # One trained matrix for Qwen3's tied embed_tokens / lm_head, as Unsloth does on a GPU.
+    assert config["ensure_weight_tying"] is True
+
+
+@pytest.mark.slow
+def test_tuned_model_reasons_in_the_requested_language(qwen3_run):
+    result = json.loads((qwen3_run["dir"] / "eval.json").read_text())
+    before = {r["group"]: r for r in result["tables"]["before"]}
+    after = {r["group"]: r for r in result["tables"]["after"]}
+    assert after["trained"]["think_all_rate"] > before["trained"]["think_all_rate"] + 0.5
+    assert after["trained"]["think_rate"] >= 0.8
+    ppl = result["perplexity"]
+    assert ppl["after"] < ppl["before"] / 10, ppl
+    samples = [s for s in read_jsonl(qwen3_run["dir"] / "eval_samples.jsonl") if s["phase"] == "after"]
+    assert all("<think>" not in (s["analysis"] or "") + (s["final"] or "") for s in samples), "tags parsed away"
+
+
+@pytest.mark.slow
+def test_lora_export_reloads_without_unsloth_with_the_trained_logits(qwen3_run):
+    """Plain transformers + PEFT, in a process that never imports Unsloth, on `export --format lora`."""
+    lora, summary_path = str(qwen3_run["lora"]), str(qwen3_run["dir"] / "summary.json")
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+lora = {lora!r}
+summary = json.load(open({summary_path!r}))
+base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
+tok = AutoTokenizer.from_pretrained(lora)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora).eval()
+probe = summary["reload_probe"]
+ids = tok(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+with torch.inference_mode():
+    logits = model(input_ids=ids).logits[0, -1].float()
+tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
+print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": logits[probe["top_ids"]].tolist(),
+                   "top": torch.topk(logits, len(probe["top_ids"])).indices.tolist(), "tied": tied}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((qwen3_run["dir"] / "summary.json").read_text())
+    # fp32: the same computation up to thread-order rounding; bf16: a few bf16 roundings of the logits.
+    atol = precision_atol(summary["compute_dtype"], max(abs(v) for v in result["want"]), floor=1e-3)
+    assert result["got"] == pytest.approx(result["want"], abs=atol)
+    assert result["top"][0] == result["ids"][0]
+    assert result["tied"], "the reloaded model keeps lm_head tied to the trained embedding"
+
+
+@pytest.mark.slow
+def test_generate_json_separates_reasoning_from_answer(qwen3_run):
+    proc = cli("generate", "--run", str(qwen3_run["dir"]), "--prompt", "What is 15% of 80?",
+               "--reasoning-language", "French", "--temperature", "0", "--max-new-tokens", "200", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(answer) == {"analysis", "final", "truncated"} and answer["truncated"] is False
+    assert answer["analysis"] and answer["final"], answer
+    for tag in ("<think>", "</think>", "<|im_end|>", "<|im_start|>"):
+        assert tag not in answer["analysis"] + answer["final"], (tag, answer)
