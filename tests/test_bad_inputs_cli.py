@@ -58,6 +58,7 @@ def test_plan_rejects_a_vram_that_is_not_a_positive_number(vram):
 
 @pytest.mark.parametrize("text, shown", [("- device: cpu\n- cases: []\n", "a list"), ("just words\n", "'just words'"),
                                          ("42\n", "42")])
+@pytest.mark.slow
 def test_bench_matrix_whose_top_level_is_not_a_mapping(tmp_path, text, shown):
     path = tmp_path / "cases.yaml"
     path.write_text(text)
@@ -75,6 +76,7 @@ def test_generate_rejects_an_empty_prompt(prompt):
     assert line.startswith("error: --prompt is empty")
 
 
+@pytest.mark.slow
 def test_generate_with_temperature_zero_decodes_greedily():
     proc = cli("generate", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,6 +89,7 @@ def test_chat_with_stdin_closed_ends_cleanly():
     assert "Traceback" not in proc.stderr and "stdin" in proc.stderr
 
 
+@pytest.mark.slow
 def test_chat_with_stdin_at_end_of_input_ends_cleanly():
     proc = cli("chat", "--max-new-tokens", "4", stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]

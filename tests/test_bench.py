@@ -269,6 +269,7 @@ def tiny_split_experts(quantized: bool):
     return model
 
 
+@pytest.mark.slow
 def test_a_4bit_case_whose_experts_loaded_16bit_is_invalid():
     from lowvram_ft.gptoss_checkpoint import describe_loaded
 
@@ -285,6 +286,7 @@ def test_a_4bit_case_whose_experts_loaded_16bit_is_invalid():
     assert "invalid" in bench.STATUSES
 
 
+@pytest.mark.slow
 def test_per_expert_calls_tell_the_loop_from_the_grouped_path():
     import torch
 
@@ -387,6 +389,7 @@ def test_random_gpt_oss_routes_ours_to_the_split_checkpoint_and_hf_to_memory(tmp
         cpu_store.path_for(hf)
 
 
+@pytest.mark.slow
 def test_the_hf_stack_builds_gpt_oss_in_memory_with_eager_attention_and_float32_adapters():
     """The hf stack's in-memory build and LoRA on the embedded model's config (tiny; CPU, bf16), in a
     process of its own: transformers must not be imported here before unsloth is, in a later test."""
@@ -446,6 +449,7 @@ def test_importing_bench_loads_no_heavy_library():
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_both_stacks_train_the_embedded_model_on_cpu(tmp_path):
     """Two cases, each in its own process: both finish with throughput, the same trainable parameters and
     data, the hf process never imported unsloth, and the losses agree."""

@@ -175,6 +175,7 @@ def test_scripted_session_is_multi_turn_and_obeys_effort_reset_and_exit(run):
     assert proc.stdout.count("tokens/s") == 3  # three answers, then /exit: the last line was never read
 
 
+@pytest.mark.slow
 def test_end_of_input_ends_the_session_cleanly(run):
     proc = chat(run, ["Hello"], "--reasoning-effort", "low", "--reasoning-language", "Italian")
     assert proc.returncode == 0, proc.stderr[-3000:]

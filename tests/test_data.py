@@ -526,6 +526,7 @@ def test_check_prints_every_problem_and_exits_2(tmp_path):
 # --------------------------------------------------------------------------- real tokenizer, light import
 
 
+@pytest.mark.slow
 def test_real_gptoss_tokenizer_masks(tmp_path):
     from lowvram_ft.gptoss_tokenizer import load_gptoss_tokenizer
 

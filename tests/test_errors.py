@@ -153,6 +153,7 @@ def test_config_problems_are_listed_together(tmp_path):
 # --------------------------------------------------------------------------- models and tokenizers (load Unsloth)
 
 
+@pytest.mark.slow
 def test_unknown_model_id_offline_says_it_cannot_be_reached_and_how_to_use_a_local_copy(tmp_path):
     proc, out = train(tmp_path, *QUICK, "--model", "nobody-xyz/does-not-exist-7b")
     [line] = error_lines(proc)
@@ -162,6 +163,7 @@ def test_unknown_model_id_offline_says_it_cannot_be_reached_and_how_to_use_a_loc
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_local_model_folder(tmp_path):
     proc, out = train(tmp_path, *QUICK, "--model", str(tmp_path / "models") + "/")
     [line] = error_lines(proc)
@@ -169,6 +171,7 @@ def test_missing_local_model_folder(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_without_a_chat_template(tmp_path):
     """A word-level tokenizer with neither Harmony's special tokens nor a chat template cannot render
     conversations: the run stops after loading, before training, and leaves nothing."""

@@ -181,6 +181,7 @@ def test_the_emulated_card_takes_the_cuda_context_off_like_a_real_card():
             emulated_card_gib(bad)
 
 
+@pytest.mark.slow
 def test_the_suite_hides_a_gpu_from_cpu_tests_and_shows_it_to_gpu_tests():
     """CPU tests compare exact numbers on the CPU path; on a machine with a GPU their processes must not
     find it (conftest), while `gpu` tests get the environment the machine had."""

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lowvram_ft import gpucheck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_steps_run_end_to_end_on_the_embedded_model(tmp_path):
     out, work, copy = tmp_path / "results", tmp_path / "work", tmp_path / "copy"
     proc = subprocess.run([sys.executable, "-m", "lowvram_ft.gpucheck", "--model", "embedded", "--steps",

@@ -163,6 +163,7 @@ def test_a_truncated_file_makes_a_checkpoint_incomplete_and_the_older_one_is_use
         checkpoint.resume_point(run_dir)
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_finish_the_step_checkpoint_and_say_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     long = [a if a != "train.max_steps=12" else "train.max_steps=500" for a in SHORT]
@@ -182,6 +183,7 @@ def test_sigint_and_sigterm_finish_the_step_checkpoint_and_say_how_to_resume(tmp
         assert not (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, *SHORT)
@@ -331,6 +333,7 @@ def test_disk_space_is_checked_before_anything_is_written(tmp_path, monkeypatch)
     assert checkpoint.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_path):
     run_dir = tmp_path / "run"
     proc = train(run_dir, *SHORT, fault="nospace")
