@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .config import EMBEDDED_MODEL, Config
+from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -140,10 +140,10 @@ def input_device(model):
 def resolve_model_path(name: str) -> str:
     """A local folder, the embedded model's folder, or the Hub id unchanged. Raises ModelError for a
     path that does not exist (a typo should not turn into a Hub lookup)."""
-    if name == EMBEDDED_MODEL:
+    if name in EMBEDDED_MODELS:
         from .embedded import embedded_model_dir
 
-        return str(embedded_model_dir())
+        return str(embedded_model_dir(name))
     path = Path(os.path.expanduser(name))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import UserError
 from . import folders
-from .config import EMBEDDED_MODEL, Config, to_yaml
+from .config import EMBEDDED_MODELS, Config, to_yaml
 from .io import write_atomic as write_text_atomic, write_json as write_json_atomic
 from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from .model import input_device
@@ -155,7 +155,7 @@ def evaluate_run(model, tokenizer, cfg: Config, data, run_dir: Path, console) ->
 
 
 def default_run_dir(cfg: Config) -> Path:
-    short = "embedded" if cfg.model.name == EMBEDDED_MODEL else Path(cfg.model.name.rstrip("/")).name
+    short = cfg.model.name if cfg.model.name in EMBEDDED_MODELS else Path(cfg.model.name.rstrip("/")).name
     return Path("runs") / f"{short}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -322,7 +322,7 @@ def dry_run(cfg: Config, console=None) -> None:
     console = console or Console(highlight=False)
     console.print(to_yaml(cfg).rstrip())
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
-    model = ("embedded tiny gpt-oss (built offline on first use)" if cfg.model.name == EMBEDDED_MODEL
+    model = (f"{cfg.model.name}: a tiny model built offline on first use" if cfg.model.name in EMBEDDED_MODELS
              else cfg.model.name)
     bits = cfg.model.load_in if cfg.model.load_in != "auto" else "4bit on a GPU, 16bit on CPU"
     console.print(f"\nwould load   model {model} ({'full fine-tuning' if cfg.model.full_finetuning else 'LoRA r=%d' % cfg.lora.r}, weights {bits})")

@@ -1212,12 +1212,13 @@ def plan_input_from_config(cfg, model_config: Mapping, bf16: bool = True) -> Pla
 
 def model_config_for(name: str) -> dict:
     """config.json of the configured model; the embedded tiny model is sized from its recipe."""
-    from .config import EMBEDDED_MODEL
+    from .config import EMBEDDED_MODELS
 
-    if name == EMBEDDED_MODEL:
-        from .embedded import MODEL_SHAPE, VOCAB_SIZE
+    if name in EMBEDDED_MODELS:
+        from .embedded import VOCAB_SIZE, recipe_for
 
-        return {"model_type": "gpt_oss", "vocab_size": VOCAB_SIZE, **MODEL_SHAPE}
+        recipe = recipe_for(name)
+        return {"model_type": recipe.model_type, "vocab_size": VOCAB_SIZE, **recipe.shape}
     return resolve_model_config(name)
 
 

@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--config", "configs/embedded.yaml",
-                           "--output", str(run_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
+                           "--output", str(run_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dir": run_dir, "stdout": proc.stdout, "seconds": time.perf_counter() - started}
 
