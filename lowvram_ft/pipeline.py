@@ -322,7 +322,8 @@ def dry_run(cfg: Config, console=None) -> None:
     console = console or Console(highlight=False)
     console.print(to_yaml(cfg).rstrip())
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
-    model = (f"{cfg.model.name}: a tiny model built offline on first use" if cfg.model.name in EMBEDDED_MODELS
+    family = {"embedded": "gpt-oss", "embedded-qwen3": "Qwen3"}.get(cfg.model.name)
+    model = (f"embedded tiny {family} (built offline on first use)" if cfg.model.name in EMBEDDED_MODELS
              else cfg.model.name)
     bits = cfg.model.load_in if cfg.model.load_in != "auto" else "4bit on a GPU, 16bit on CPU"
     console.print(f"\nwould load   model {model} ({'full fine-tuning' if cfg.model.full_finetuning else 'LoRA r=%d' % cfg.lora.r}, weights {bits})")
