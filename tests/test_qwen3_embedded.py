@@ -220,7 +220,7 @@ def test_loss_falls(qwen3_run):
 
 
 @pytest.mark.slow
-def test_lora_moved_attention_and_mlp_and_kept_the_embeddings_tied(qwen3_run):
+def test_lora_moved_attention_and_mlp_and_trained_the_embeddings(qwen3_run):
     from safetensors.torch import load_file
 
     tensors = load_file(str(qwen3_run["dir"] / "adapter" / "adapter_model.safetensors"))
@@ -229,9 +229,8 @@ def test_lora_moved_attention_and_mlp_and_kept_the_embeddings_tied(qwen3_run):
         assert lora_b, projection
         # LoRA B starts at exactly zero: non-zero means training changed the projection's weights.
         assert all(float(v.abs().max()) > 1e-4 for v in lora_b), projection
-    config = json.loads((qwen3_run["dir"] / "adapter" / "adapter_config.json").read_text())
-    # One trained matrix for Qwen3's tied embed_tokens / lm_head, as Unsloth does on a GPU.
-    assert config["ensure_weight_tying"] is True
+    # The embeddings train in full (modules_to_save) and are saved with the adapter.
+    assert any(k.endswith("embed_tokens.weight") for k in tensors), sorted(tensors)[:5]
 
 
 @pytest.mark.slow
@@ -264,10 +263,9 @@ probe = summary["reload_probe"]
 ids = tok(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
 with torch.inference_mode():
     logits = model(input_ids=ids).logits[0, -1].float()
-tied = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
 assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
 print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": logits[probe["top_ids"]].tolist(),
-                   "top": torch.topk(logits, len(probe["top_ids"])).indices.tolist(), "tied": tied}}))
+                   "top": torch.topk(logits, len(probe["top_ids"])).indices.tolist()}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -277,7 +275,6 @@ print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": 
     atol = precision_atol(summary["compute_dtype"], max(abs(v) for v in result["want"]), floor=1e-3)
     assert result["got"] == pytest.approx(result["want"], abs=atol)
     assert result["top"][0] == result["ids"][0]
-    assert result["tied"], "the reloaded model keeps lm_head tied to the trained embedding"
 
 
 @pytest.mark.slow
