@@ -43,6 +43,17 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, console=Non
         raise
     finally:
         run.restore_signal_handlers()
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under accelerate launch / torchrun: close the process group before exit, so no gloo / NCCL
+    thread is alive when the interpreter ends (a process aborted at exit after a finished run)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -> Path:
