@@ -10,7 +10,7 @@ import os
 import sys
 
 from .config import ConfigError, describe_fields, family_recipe, load_config
-from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def fail(lines: list[str], code: int = EXIT_BAD_INPUT) -> int:
 def library_error(error: Exception) -> tuple[int, str] | None:
     """(exit code, one line) for a library's error that means a full GPU or an unreadable file, else
     None (a bug: traceback). Our own errors are UserErrors and never get here."""
-    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+    if is_out_of_memory(error):
         return EXIT_OOM, f"out of memory: {str(error).splitlines()[0][:300]}"
     if isinstance(error, OSError) and error.filename:  # a file no loader checked first (unreadable, full disk)
         return EXIT_BAD_INPUT, f"{error.filename}: {error.strerror or error} — check the path, its permissions and free space"

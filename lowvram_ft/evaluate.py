@@ -274,8 +274,9 @@ def write_eval(run_dir: Path, result: dict, samples: list[dict]) -> None:
     write_atomic(run_dir / "eval_samples.jsonl",
                       "".join(json.dumps(s, ensure_ascii=False, default=str) + "\n" for s in samples))
     write_json(run_dir / "eval.json", result)
-    write_atomic(run_dir / "eval.md", report.eval_markdown(result))
-    report.eval_chart(result, run_dir / "eval.png")
+    charted = report.eval_chart(result, run_dir / "eval.png")
+    write_atomic(run_dir / "eval.md", report.eval_markdown(result) + (
+        "" if charted else "\n(no eval.png: charts need matplotlib — pip install 'lowvram_ft[bench]')\n"))
 
 
 # --------------------------------------------------------------------------- the eval / smoke commands

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from .errors import UserError
 from . import embedded, folders
@@ -190,9 +188,10 @@ def use_llama_cpp(folder: Path) -> None:
     os.environ.setdefault("UNSLOTH_LLAMA_CPP_SCRIPTS_DIR", str(folder))
 
 
-def check_push(repo: str, env, reachable=None) -> str:
+def check_push(repo: str, env, whoami=None) -> str:
     """The Hub token to push `repo` with; ExportError (one line) when the push cannot happen. Runs before
-    any export work, so nothing is written or uploaded when it fails."""
+    any export work, so nothing is written or uploaded when it fails. The token is checked with the Hub
+    itself (`whoami`, by default HfApi.whoami): unreachable, rejected or read-only all stop here."""
     parts = repo.split("/")
     if len(parts) != 2 or not all(parts):
         raise ExportError(f"--push {repo}: expected a Hub repository id like user/name")
@@ -204,19 +203,38 @@ def check_push(repo: str, env, reachable=None) -> str:
         raise ExportError(f"--push {repo}: HF_HUB_OFFLINE is set — unset it on a machine with network to upload; "
                           "nothing was exported or uploaded")
     endpoint = env.get("HF_ENDPOINT") or HUB_HOST_DEFAULT
-    if not (reachable or hub_reachable)(endpoint):
-        raise ExportError(f"--push {repo}: cannot reach {endpoint} — check the network (or HF_ENDPOINT); "
-                          "nothing was exported or uploaded")
+    problem = token_problem(token, endpoint, whoami or hub_whoami)
+    if problem:
+        raise ExportError(f"--push {repo}: {problem}; nothing was exported or uploaded")
     return token
 
 
-def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
-    url = urlparse(endpoint)
+def hub_whoami(token: str, endpoint: str) -> dict:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token).whoami()
+
+
+def token_problem(token: str, endpoint: str, whoami) -> str | None:
+    """Why `token` cannot push to `endpoint` (None when it can), from the Hub's own answer."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+        identity = whoami(token, endpoint)
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            return (f"{endpoint} rejected the token in HF_TOKEN (401) — create a write token at "
+                    "https://huggingface.co/settings/tokens")
+        return f"{endpoint} answered {status or type(error).__name__} to the token check — retry later"
+    except (httpx.HTTPError, OSError) as error:
+        return f"cannot reach {endpoint} ({type(error).__name__}) — check the network (or HF_ENDPOINT)"
+    role = ((identity.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        return (f"the token in HF_TOKEN (user {identity.get('name', '?')}) is read-only — create a write token at "
+                "https://huggingface.co/settings/tokens")
+    return None
 
 
 def export_needs(fmt: str, parameters: int, device_kind: str, weight_bytes: float, adapter_bytes: int) -> Needs:
@@ -406,15 +424,14 @@ FORMAT_TEXT = {
 
 
 def front_matter(base: str, fmt: str, hub_datasets: list[str]) -> list[str]:
-    """The Hub's YAML metadata block."""
-    lines = ["---"]
-    if looks_like_hub_id(base):
-        lines.append(f"base_model: {base}")
-    lines.append("library_name: " + {"lora": "peft", "gguf": "gguf"}.get(fmt, "transformers"))
-    if hub_datasets:
-        lines += ["datasets:", *[f"- {d}" for d in hub_datasets]]
-    lines += ["tags:", "- lowvram_ft", "- unsloth", "- trl", "- sft"] + (["- lora"] if fmt == "lora" else [])
-    return lines + ["---", ""]
+    """The Hub's YAML metadata block, written by huggingface_hub's ModelCardData."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(base_model=base if looks_like_hub_id(base) else None,
+                         library_name={"lora": "peft", "gguf": "gguf"}.get(fmt, "transformers"),
+                         datasets=hub_datasets or None,
+                         tags=["lowvram_ft", "unsloth", "trl", "sft"] + (["lora"] if fmt == "lora" else []))
+    return ["---", *data.to_yaml().splitlines(), "---", ""]
 
 
 def describe_base(name: str) -> str:

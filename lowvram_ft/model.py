@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, is_out_of_memory
 from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -243,20 +243,42 @@ def checkpointing_value(setting: str):
     return {"unsloth": "unsloth", "true": True, "false": False}[setting]
 
 
-def explain_load_error(name: str, error: Exception) -> ModelError:
-    """Turn Hub / file errors into one line naming the model and the way out."""
-    text = f"{type(error).__name__}: {error}"
-    first = text.splitlines()[0][:300]
-    offline = any(s in text for s in ("offline", "OfflineModeIsEnabled", "ConnectError", "Connection", "resolve",
-                                      "couldn't connect", "LocalEntryNotFound", "Max retries"))
-    missing = any(s in text for s in ("RepositoryNotFound", "404", "is not a local folder and is not a valid model"))
-    if offline or missing:
+def explain_load_error(name: str, error: BaseException) -> ModelError:
+    """Turn a load error into one line naming the model and the way out, by the Hub's typed exceptions
+    found anywhere in its chain (transformers and Unsloth re-raise them as OSError / RuntimeError)."""
+    from huggingface_hub import errors as hub
+
+    first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    cause = hub_cause(error, (hub.GatedRepoError, hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
+                              hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, MemoryError))
+    page = f"https://huggingface.co/{name}"
+    if isinstance(cause, hub.GatedRepoError):
+        return ModelError(f"{name}: a gated model — accept its terms on {page}, then set HF_TOKEN to a token of "
+                          "that account")
+    if isinstance(cause, hub.RepositoryNotFoundError):
+        return ModelError(f"{name}: no such model on the Hugging Face Hub (or a private one: set HF_TOKEN) — "
+                          "check the id, or pass a local folder")
+    if isinstance(cause, hub.RevisionNotFoundError):
+        return ModelError(f"{name}: the requested revision does not exist on the Hub ({first})")
+    if isinstance(cause, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)):
         return ModelError(
-            f"{name}: cannot load this model from the Hugging Face Hub ({first}) — check the id, or download it "
-            f"where there is network (`hf download {name} --local-dir DIR`) and pass --model DIR")
-    if isinstance(error, (MemoryError,)) or "out of memory" in text.lower():
+            f"{name}: cannot load this model from the Hugging Face Hub (offline or unreachable, and not in the "
+            f"local cache) — download it where there is network (`hf download {name} --local-dir DIR`) and "
+            "pass --model DIR")
+    if isinstance(cause, MemoryError) or is_out_of_memory(error):
         return ModelError(f"{name}: out of memory while loading ({first}) — try model.load_in=4bit or a smaller model")
     return ModelError(f"{name}: could not be loaded ({first})")
+
+
+def hub_cause(error: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first exception of `kinds` in the chain of `error` (__cause__, else __context__)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def expert_target_parameters(model, target_modules: list[str]) -> list[str]:

@@ -105,9 +105,13 @@ def eval_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_chart(result: dict, path: Path) -> None:
-    """Bar chart of think-match rate per language, before vs after, with Wilson intervals."""
-    import matplotlib
+def eval_chart(result: dict, path: Path) -> bool:
+    """Bar chart of think-match rate per language, before vs after, with Wilson intervals; False (no
+    chart, the tables stay) when matplotlib, an optional extra, is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,3 +137,4 @@ def eval_chart(result: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+    return True

@@ -184,8 +184,8 @@ def test_model_card_includes_the_evaluation_and_known_licences():
                "device": {"reason": "cuda:0 NVIDIA L4; GPU supports bf16"}}
     eval_md = "# Reasoning-language evaluation\n\nsettings\n\n## Before vs after\n\n| group | think before |\n"
     card = export.model_card(cfg, summary, eval_md, "merged-16bit", Path("runs/x"))
-    assert card.startswith("---\nbase_model: unsloth/gpt-oss-20b\nlibrary_name: transformers\ndatasets:\n"
-                           "- HuggingFaceH4/Multilingual-Thinking\n- someone/else\ntags:\n")
+    assert card.startswith("---\nbase_model: unsloth/gpt-oss-20b\ndatasets:\n- HuggingFaceH4/Multilingual-Thinking\n"
+                           "- someone/else\nlibrary_name: transformers\ntags:\n")
     assert "| HuggingFaceH4/Multilingual-Thinking | Apache-2.0 |" in card
     assert "| someone/else | unknown — check the data set's Hub page |" in card
     assert "| my_rows.jsonl (local file) | unknown |" in card
@@ -244,9 +244,27 @@ def test_llama_cpp_is_found_where_users_put_it(tmp_path):
     assert export.find_llama_cpp({}, **{**nowhere, "which": lambda name: str(quantizer)}) == folder
 
 
+def hub_answer(status: int):
+    """A whoami that fails as the Hub does with `status`."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def whoami(token, endpoint):
+        response = httpx.Response(status, request=httpx.Request("GET", f"{endpoint}/api/whoami-v2"))
+        raise HfHubHTTPError("Invalid user token.", response=response)
+    return whoami
+
+
+def unreachable(token, endpoint):
+    import httpx
+
+    raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+
 def test_push_is_refused_before_any_work_without_token_network_or_valid_id():
     online = {"HF_TOKEN": "hf_x"}
-    assert export.check_push("me/model", online, reachable=lambda url: True) == "hf_x"
+    writer = lambda token, endpoint: {"name": "me", "auth": {"accessToken": {"role": "write"}}}  # noqa: E731
+    assert export.check_push("me/model", online, whoami=writer) == "hf_x"
     cases = {
         ("model", "hf_x", ""): "--push model: expected a Hub repository id like user/name",
         ("me/model", "", ""): "--push me/model: no Hugging Face token — set HF_TOKEN",
@@ -254,10 +272,46 @@ def test_push_is_refused_before_any_work_without_token_network_or_valid_id():
     }
     for (repo, token, offline), start in cases.items():
         with pytest.raises(export.ExportError) as error:
-            export.check_push(repo, {"HF_TOKEN": token, "HF_HUB_OFFLINE": offline}, reachable=lambda url: True)
+            export.check_push(repo, {"HF_TOKEN": token, "HF_HUB_OFFLINE": offline}, whoami=writer)
         assert str(error.value).startswith(start)
-    with pytest.raises(export.ExportError, match="cannot reach https://huggingface.co"):
-        export.check_push("me/model", online, reachable=lambda url: False)
+    refusals = {
+        unreachable: "--push me/model: cannot reach https://huggingface.co (ConnectError) — check the network",
+        hub_answer(401): "--push me/model: https://huggingface.co rejected the token in HF_TOKEN (401)",
+        hub_answer(503): "--push me/model: https://huggingface.co answered 503 to the token check",
+        (lambda token, endpoint: {"name": "me", "auth": {"accessToken": {"role": "read"}}}):
+            "--push me/model: the token in HF_TOKEN (user me) is read-only",
+    }
+    for whoami, start in refusals.items():
+        with pytest.raises(export.ExportError) as error:
+            export.check_push("me/model", online, whoami=whoami)
+        assert str(error.value).startswith(start), str(error.value)
+        assert str(error.value).endswith("nothing was exported or uploaded")
+
+
+def test_the_token_check_asks_the_configured_endpoint():
+    """The real HfApi.whoami against a closed local port (in a process whose Hub client is online): the
+    endpoint in HF_ENDPOINT is the one asked."""
+    code = ("from lowvram_ft import export\n"
+            "try:\n"
+            "    export.check_push('me/model', {'HF_TOKEN': 'hf_x', 'HF_ENDPOINT': 'http://127.0.0.1:9'})\n"
+            "except export.ExportError as error:\n"
+            "    print(error)\n")
+    env = {**ENV, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("--push me/model: cannot reach http://127.0.0.1:9 (ConnectError)"), proc.stdout + proc.stderr
+
+
+def test_model_card_front_matter_is_the_hubs_metadata():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard("\n".join(export.front_matter("unsloth/gpt-oss-20b", "lora", ["HuggingFaceH4/Multilingual-Thinking"])))
+    assert card.data.base_model == "unsloth/gpt-oss-20b"
+    assert card.data.library_name == "peft"
+    assert card.data.datasets == ["HuggingFaceH4/Multilingual-Thinking"]
+    assert card.data.tags == ["lowvram_ft", "unsloth", "trl", "sft", "lora"]
+    local = ModelCard("\n".join(export.front_matter("./runs/base", "merged-16bit", [])))
+    assert local.data.base_model is None and local.data.library_name == "transformers"
+    assert local.data.datasets is None
 
 
 def test_push_without_token_is_one_line_exit_2_and_nothing_written(run, tmp_path):

@@ -142,7 +142,7 @@ def test_second_load_comes_from_the_cache(tokenizer, monkeypatch):
 
 def test_missing_openai_harmony_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "openai_harmony", None)
-    with pytest.raises(ImportError, match="pip install openai-harmony"):
+    with pytest.raises(ImportError, match=r"openai_harmony is not installed — pip install 'lowvram_ft\[harmony\]'"):
         harmony_encoding.__wrapped__()
 
 

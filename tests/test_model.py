@@ -49,13 +49,50 @@ def test_load_bits_auto_is_4bit_on_gpu_and_16bit_on_cpu():
     assert load_bits(load_config(None, ["model.full_finetuning=true"]), GPU) == "16bit"
 
 
-def test_unreachable_hub_id_becomes_one_actionable_line():
-    error = explain_load_error("org/missing-model", OSError(
-        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files."))
-    text = str(error)
-    assert "\n" not in text
-    assert text.startswith("org/missing-model: cannot load this model from the Hugging Face Hub")
-    assert "--local-dir DIR`) and pass --model DIR" in text
+def chained(outer: BaseException, cause: BaseException) -> BaseException:
+    """`outer` raised from `cause`, as transformers re-raises the Hub's errors as OSError."""
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise outer from inner
+    except BaseException as error:
+        return error
+
+
+def hub_error(kind, status: int):
+    import httpx
+
+    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/x"))
+    return kind("the Hub said no", response=response)
+
+
+def test_load_errors_are_classified_by_the_hubs_typed_exceptions_anywhere_in_the_chain():
+    from huggingface_hub import errors as hub
+
+    offline = chained(OSError("We couldn't connect to 'https://huggingface.co' to load the files"),
+                      hub.LocalEntryNotFoundError("not in cache"))
+    unsloth_style = chained(RuntimeError("Unsloth: Failed to load model. Both AutoConfig and PeftConfig failed."),
+                            chained(OSError("org/missing-model is not a local folder"),
+                                    hub_error(hub.RepositoryNotFoundError, 404)))
+    cases = {
+        offline: "org/missing-model: cannot load this model from the Hugging Face Hub (offline or unreachable, and "
+                 "not in the local cache) — download it where there is network (`hf download org/missing-model "
+                 "--local-dir DIR`) and pass --model DIR",
+        unsloth_style: "org/missing-model: no such model on the Hugging Face Hub (or a private one: set HF_TOKEN)",
+        chained(OSError("gated"), hub_error(hub.GatedRepoError, 403)):
+            "org/missing-model: a gated model — accept its terms on https://huggingface.co/org/missing-model",
+        chained(OSError("revision"), hub_error(hub.RevisionNotFoundError, 404)):
+            "org/missing-model: the requested revision does not exist on the Hub",
+        chained(RuntimeError("load failed"), MemoryError()): "org/missing-model: out of memory while loading",
+        ValueError("weights do not match the config"): "org/missing-model: could not be loaded (ValueError: weights",
+    }
+    for error, start in cases.items():
+        text = str(explain_load_error("org/missing-model", error))
+        assert "\n" not in text
+        assert text.startswith(start), text
+    # The text alone no longer decides: a message that merely mentions a 404 is not a missing repository.
+    assert "could not be loaded" in str(explain_load_error("org/m", OSError("HTTP 404 while reading a local file")))
 
 
 def test_parameter_groups():
