@@ -12,10 +12,11 @@ import pytest
 
 from lowvram_ft import plan
 from lowvram_ft.config import GPT_OSS_RECIPE, load_config
+from lowvram_ft.io import GIB
 from lowvram_ft.model import ModelError, emulated_card_fraction, emulated_card_gib
+from lowvram_ft.plan import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 2**30
 
 
 def gpt_oss(*overrides: str):
@@ -79,7 +80,7 @@ def test_the_recipe_is_the_default_for_gpt_oss_without_a_config_and_flags_still_
 
 
 def test_an_uncalibrated_estimate_over_the_card_warns_and_never_refuses(monkeypatch):
-    monkeypatch.setattr(plan, "CALIBRATION", {})
+    monkeypatch.setattr(estimate, "CALIBRATION", {})
     cfg = gpt_oss("model.max_seq_length=4096", "lora.r=64", "train.fit=warn")
     decision = plan.decide_fit(cfg, 12.0)
     assert decision.action == "warn" and decision.overrides == ()
@@ -87,8 +88,8 @@ def test_an_uncalibrated_estimate_over_the_card_warns_and_never_refuses(monkeypa
 
 
 def test_a_calibrated_estimate_refuses_only_beyond_its_measured_error(monkeypatch):
-    monkeypatch.setattr(plan, "CALIBRATION", {"activations": 1.0})
-    monkeypatch.setattr(plan, "CALIBRATION_ERROR", 0.05)
+    monkeypatch.setattr(estimate, "CALIBRATION", {"activations": 1.0})
+    monkeypatch.setattr(estimate, "CALIBRATION_ERROR", 0.05)
     cfg = gpt_oss("model.max_seq_length=4096", "lora.r=64", "train.fit=warn")
     peak = plan.decide_fit(cfg, 80.0).peak_gib
     assert plan.decide_fit(cfg, peak * 0.5).action == "refuse"

@@ -3,14 +3,17 @@ predictions checked against published claims (claims, not our measurements: gene
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from lowvram_ft import plan
-from lowvram_ft.plan import GIB, PlanError, PlanInput, predict, recommend
+from lowvram_ft.io import GIB
+from lowvram_ft.plan import PlanError, PlanInput, estimate, predict, recommend
 
 T4_GIB = 14.74      # a 16 GB T4 as torch reports it
 H100_GIB = 79.6     # an 80 GB H100 as torch reports it
@@ -417,7 +420,7 @@ def test_calibrate_makes_the_prediction_match_a_measurement(gpt_oss_20b, monkeyp
     measured = before.total_gib + 1.5
     factors = plan.calibrate(before, {"total": measured})
     assert all(name not in plan.EXACT_COMPONENTS for name in factors)
-    monkeypatch.setattr(plan, "CALIBRATION", factors)
+    monkeypatch.setattr(estimate, "CALIBRATION", factors)
     assert predict(inp).total_gib == pytest.approx(measured, rel=1e-9)
     one = plan.calibrate(before, {"layer_recompute": 2 * before.gib("layer_recompute")})
     assert one == {"layer_recompute": pytest.approx(2.0)}
@@ -427,6 +430,18 @@ def test_planning_imports_no_torch():
     code = "import sys, lowvram_ft.plan; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+PLAN_LAYERS = ("precision", "inputs", "shapes", "model_configs", "weights", "transients", "estimate",
+               "recommendations", "report", "fit")
+
+
+def test_plan_modules_import_only_the_layers_below_them():
+    folder = Path(plan.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(PLAN_LAYERS)
+    for level, name in enumerate(PLAN_LAYERS):
+        ours = re.findall(r"^from \.(\w+) import", (folder / f"{name}.py").read_text(), re.MULTILINE)
+        assert set(ours) <= set(PLAN_LAYERS[:level]), f"plan/{name}.py imports {ours}"
 
 
 # --- Glue to the lowvram_ft config --------------------------------------------------------------

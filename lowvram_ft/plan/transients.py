@@ -1,0 +1,167 @@
+"""The modelled part of the estimate: what one training step allocates and frees, layer by layer:
+activations saved for backward (checkpointed or not), one layer's recompute and backward, attention
+scores or workspace, MoE routing buffers and dequantized weights. Each constant names its source:
+"code" (read in the installed unsloth / unsloth_zoo / bitsandbytes / transformers sources), "claim" or
+"first principles" (an autograd count or a guess that calibration replaces)."""
+from __future__ import annotations
+
+from ..io import GIB
+from .inputs import DTYPE_BYTES, FP32, INT64, PlanInput
+from .shapes import ModelShape, linear_groups, lora_groups
+
+# --- Activations (bytes saved for backward, per token, per decoder layer) ------------------------
+# Unsloth's LoRA MLP saves the gate and up projections and recomputes SwiGLU in backward (code:
+# unsloth/kernels/fast_lora.py LoRA_MLP save_for_backward(..., X, e, g)); plain PyTorch also keeps
+# act(gate) and the product fed to down_proj (first principles, autograd).
+SWIGLU_SAVED_WIDTHS = {True: 2, False: 4}
+# gpt-oss experts in training: swiglu_torch_forward runs in fp32 and autograd keeps 6 tensors of
+# intermediate width per routed (token, expert): both clamp inputs, the sigmoid, the clamped gate,
+# gelu output and up+1 (code: unsloth_zoo temporary_patches/gpt_oss.py; counted by hand).
+GPT_OSS_SWIGLU_FP32_SAVED = 6
+# While one layer is in backward, the gradients of its largest saved tensors coexist with them;
+# assumed to add half a layer's activations (first principles guess: calibrate).
+BACKWARD_WORKSPACE_FRACTION = 0.5
+# Unsloth's offloaded checkpointing keeps the layer inputs in host RAM and double-buffers them on
+# the GPU (code: unsloth_zoo gradient_checkpointing.py, double buffering).
+OFFLOADED_CHECKPOINT_GPU_BUFFERS = 2
+# Routed-token bookkeeping per (token, expert): router indices, the sort permutation, token ids,
+# sorted token ids, expert ids, all int64 (code: unsloth_zoo gpt_oss_grouped_qlora.py); plus the
+# router logits and the scattered scores per token and expert, in the compute dtype.
+ROUTING_INT64_PER_TOKEN_EXPERT = 5
+ROUTING_SCORE_TENSORS = 2
+
+# --- Attention -----------------------------------------------------------------------------------
+# Eager attention materialises scores of shape [batch, heads, seq, seq (+1 sink column on gpt-oss)]:
+# autograd keeps the bf16 softmax output (2 bytes/score) per layer, and the forward/backward of one
+# layer holds about three score-sized bf16 tensors at once (logits, masked+sinks concatenation,
+# softmax; in backward their gradients) (first principles: transformers gpt_oss eager_attention_forward).
+EAGER_SAVED_BYTES_PER_SCORE = 2
+EAGER_TRANSIENT_BYTES_PER_SCORE = 6
+# Flash / SDPA / flex attention keep O(seq) state: a logsumexp per token and head (counted in the
+# layer activations) and, in backward, an fp32 dq accumulator of the query's size (first principles:
+# FlashAttention-2 backward).
+FLASH_BACKWARD_FP32_ACCUMULATORS = 1
+
+# --- Dequantization buffers ----------------------------------------------------------------------
+# A 4/8-bit linear is dequantized to the compute dtype for each matmul and freed; forward recompute
+# and backward can overlap by one weight (first principles: unsloth kernels/utils.py fast_dequantize).
+DEQUANT_TRANSIENT_WEIGHTS = 2
+# gpt-oss 4-bit experts (grouped path) dequantize all experts of a projection at once; inside a
+# checkpoint recompute the gate_up and down stacks stay pinned until the layer's backward is done
+# (code: unsloth_zoo moe_utils._moe_recompute_default, gpt_oss_grouped_qlora.py). Without
+# checkpointing they are rebuilt one projection at a time.
+# On fp16 GPUs (T4) the cuBLAS path caps each stack at 256 MiB (code: UNSLOTH_GPTOSS_FP16_CUBLAS_STACK_MB).
+MOE_FP16_STACK_CAP_GIB = 0.25
+
+
+def step_tokens(inp: PlanInput) -> int:
+    """Tokens in one micro-batch (packed rows are exactly seq_len long)."""
+    return inp.batch_size * inp.seq_len
+
+
+def attention_impl(inp: PlanInput, shape: ModelShape) -> str:
+    """The attention implementation the run uses: as set, or the one its stack picks for "auto"."""
+    if inp.attention != "auto":
+        return inp.attention
+    if shape.attention_sinks:
+        # Unsloth trains gpt-oss with flex attention (sinks); plain transformers recipes use eager.
+        return "flex" if inp.unsloth_kernels else "eager"
+    return "sdpa"
+
+
+def layer_bytes_per_token(inp: PlanInput, shape: ModelShape) -> float:
+    """Bytes autograd keeps per token for one decoder layer (LoRA on every linear assumed)."""
+    dt = DTYPE_BYTES[inp.dtype]
+    h = shape.hidden
+    q_dim, kv_dim = shape.q_heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # norm input and output, q/k/v after RoPE, attention output, fp32 logsumexp per head
+    attention = dt * (2 * h + 2 * q_dim + 2 * kv_dim) + FP32 * shape.q_heads
+    if shape.qk_norm:
+        attention += dt * (q_dim + kv_dim)
+    swiglu = SWIGLU_SAVED_WIDTHS[inp.unsloth_kernels]
+    if not shape.experts:
+        mlp = dt * (2 * h + swiglu * shape.intermediate)
+    elif shape.fused_gate_up:
+        i, k = shape.expert_intermediate, shape.experts_per_token
+        # per routed (token, expert): gathered input and SwiGLU output (bf16), down output kept for
+        # the routing-weight product and the fp32 SwiGLU intermediates
+        per_expert = dt * (h + i) + FP32 * (h + GPT_OSS_SWIGLU_FP32_SAVED * i)
+        mlp = dt * 2 * h + k * per_expert
+    else:
+        i, k = shape.expert_intermediate, shape.experts_per_token
+        mlp = dt * 2 * h + k * dt * (h + swiglu * i)
+    # x @ lora_A (r values) saved per wrapped linear, per routed expert for the experts
+    wrapped = [] if inp.full_finetuning else lora_groups(shape, inp.lora_targets)
+    lora = dt * inp.lora_r * sum(shape.experts_per_token if g.kind == "expert" else 1 for g in wrapped)
+    return attention + mlp + lora
+
+
+def activation_bytes(inp: PlanInput, shape: ModelShape) -> dict[str, float]:
+    """Bytes of the checkpointed activations, one layer's recompute and backward, attention and routing."""
+    tokens, dt = step_tokens(inp), DTYPE_BYTES[inp.dtype]
+    per_layer = tokens * layer_bytes_per_token(inp, shape)
+    hidden_state = tokens * shape.hidden * dt
+    mode = inp.gradient_checkpointing
+    if mode == "unsloth":
+        activations, recompute = OFFLOADED_CHECKPOINT_GPU_BUFFERS * hidden_state, per_layer
+    elif mode == "true":
+        activations, recompute = shape.layers * hidden_state, per_layer
+    else:
+        activations, recompute = shape.layers * per_layer, 0.0
+    attention_saved, attention_transient = attention_bytes(inp, shape)
+    routing = routing_bytes(inp, shape)
+    layers_held = 1 if mode != "false" else shape.layers
+    return {
+        "activations": activations,
+        "layer_recompute": recompute + BACKWARD_WORKSPACE_FRACTION * per_layer,
+        "attention": layers_held * attention_saved + attention_transient,
+        "moe_routing": layers_held * routing,
+    }
+
+
+def attention_bytes(inp: PlanInput, shape: ModelShape) -> tuple[float, float]:
+    """(saved per layer, transient of the layer being computed) for the attention scores."""
+    tokens = step_tokens(inp)
+    if attention_impl(inp, shape) != "eager":
+        q_size = tokens * shape.q_heads * shape.head_dim
+        return 0.0, FLASH_BACKWARD_FP32_ACCUMULATORS * FP32 * q_size
+    sink = 1 if shape.attention_sinks else 0
+    if inp.packing:
+        # padding-free packing flattens the micro-batch into one row: eager attends across all of it
+        scores = shape.q_heads * tokens * (tokens + sink)
+    else:
+        scores = inp.batch_size * shape.q_heads * inp.seq_len * (inp.seq_len + sink)
+    return EAGER_SAVED_BYTES_PER_SCORE * scores, EAGER_TRANSIENT_BYTES_PER_SCORE * scores
+
+
+def routing_bytes(inp: PlanInput, shape: ModelShape) -> float:
+    """Bytes of one MoE layer's routing buffers (0 for a dense model)."""
+    if not shape.experts:
+        return 0.0
+    per_token = (
+        ROUTING_SCORE_TENSORS * shape.experts * DTYPE_BYTES[inp.dtype]
+        + shape.experts_per_token * (ROUTING_INT64_PER_TOKEN_EXPERT * INT64 + FP32)
+    )
+    return step_tokens(inp) * per_token
+
+
+def dequant_bytes(inp: PlanInput, shape: ModelShape) -> float:
+    """Bytes of the weights dequantized at once for the layer being computed (0 for 16-bit weights)."""
+    if inp.load_bits == 16 or inp.full_finetuning:
+        return 0.0
+    dt = DTYPE_BYTES[inp.dtype]
+    groups = linear_groups(shape)
+    dense = [g for g in groups if g.kind != "expert"]
+    largest = max(g.in_features * g.out_features for g in dense)
+    buffers = DEQUANT_TRANSIENT_WEIGHTS * largest * dt
+    experts = [g for g in groups if g.kind == "expert"]
+    if experts and inp.unsloth_kernels and inp.load_bits == 4:  # the grouped NF4 path
+        stacks = [shape.experts * g.in_features * g.out_features * dt for g in experts]
+        if inp.dtype == "float16":
+            stacks = [min(s, MOE_FP16_STACK_CAP_GIB * GIB) for s in stacks]
+        pinned = sum(stacks) if inp.gradient_checkpointing != "false" else max(stacks)
+        buffers = max(buffers, pinned)
+    elif experts:
+        largest_expert = max(g.in_features * g.out_features for g in experts)
+        buffers = max(buffers, DEQUANT_TRANSIENT_WEIGHTS * largest_expert * dt)
+    return buffers
