@@ -228,7 +228,7 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
 
     from . import report
     from .model import import_unsloth
-    from .scoring import aggregate, compare
+    from .statistics import aggregate, compare
 
     unsloth = import_unsloth()
     suite = load_suite(cfg.eval.prompts)

@@ -1,10 +1,11 @@
 """Reports: rich tables in the terminal, Markdown and a PNG chart in the run folder.
 
-Numbers come in already computed (scoring.aggregate / compare rows); this module only lays them out.
+Numbers come in already computed (statistics.aggregate / compare rows); this module only lays them out.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
 
 def print_table(headers: list[str], cells: list[list[str]], title: str, console=None) -> None:
@@ -78,8 +79,6 @@ def format_ppl(value) -> str:
 
 def eval_markdown(result: dict) -> str:
     """eval.md: settings, per-phase tables, the comparison, perplexity, and how to read them."""
-    from .scoring import to_markdown
-
     s = result["settings"]
     lines = [
         "# Reasoning-language evaluation",
@@ -138,3 +137,50 @@ def eval_chart(result: dict, path: Path) -> bool:
     plt.close(fig)
     tmp.replace(path)
     return True
+
+
+# --------------------------------------------------------------------------- language tables (eval.md, `score`)
+
+def table_cells(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells for aggregate rows or compare rows."""
+    if rows and "think_diff" in rows[0]:
+        headers = ["group", "n before", "n after", "think before", "think after", "Δ think", "CIs overlap",
+                   "think of all before", "think of all after", "answer before", "answer after", "Δ answer"]
+        cells = [[str(r["group"]), str(r["n_before"]), str(r["n_after"]),
+                  pct(r["think_before"]), pct(r["think_after"]), signed(r["think_diff"]),
+                  "—" if r["think_overlap"] is None else ("yes" if r["think_overlap"] else "no"),
+                  pct(r.get("think_all_before")), pct(r.get("think_all_after")),
+                  pct(r["answer_before"]), pct(r["answer_after"]), signed(r["answer_diff"])]
+                 for r in rows]
+        return headers, cells
+    headers = ["group", "n", "scorable", "unparsed", "truncated", "think match", "think 95% CI",
+               "think share", "answer match", "answer 95% CI"]
+    cells = [[str(r["group"]), str(r["n"]), str(r["scorable"]), str(r["unparsed"]), str(r["truncated"]),
+              f"{r['think_match']}/{r['think_n']} ({pct(r['think_rate'])})", interval(r["think_ci"], r["think_n"]),
+              "—" if r["think_share_mean"] is None else f"{r['think_share_mean']:.2f}",
+              f"{r['answer_match']}/{r['answer_n']} ({pct(r['answer_rate'])})", interval(r["answer_ci"], r["answer_n"])]
+             for r in rows]
+    return headers, cells
+
+
+def interval(ci: Sequence[float], n: int) -> str:
+    return "—" if not n else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
+
+
+def format_table(rows: Sequence[Mapping]) -> str:
+    """Aggregate or compare rows as an aligned plain-text table."""
+    headers, cells = table_cells(rows)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def to_markdown(rows: Sequence[Mapping]) -> str:
+    """Aggregate or compare rows as a markdown table."""
+    headers, cells = table_cells(rows)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)

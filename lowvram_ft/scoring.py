@@ -35,111 +35,25 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .errors import UserError
 from .io import write_jsonl
-
-# ---------------------------------------------------------------------------------------------
-# Languages
-
-# code -> (English name, script). Latin-script languages are decided by py3langid, the rest by script.
-LANGUAGES: dict[str, tuple[str, str]] = {
-    "en": ("English", "latin"),
-    "fr": ("French", "latin"),
-    "de": ("German", "latin"),
-    "es": ("Spanish", "latin"),
-    "it": ("Italian", "latin"),
-    "pt": ("Portuguese", "latin"),
-    "nl": ("Dutch", "latin"),
-    "sv": ("Swedish", "latin"),
-    "pl": ("Polish", "latin"),
-    "tr": ("Turkish", "latin"),
-    "id": ("Indonesian", "latin"),
-    "vi": ("Vietnamese", "latin"),
-    "ja": ("Japanese", "cjk"),
-    "zh": ("Chinese", "cjk"),
-    "ko": ("Korean", "cjk"),
-    "ru": ("Russian", "cyrillic"),
-    "ar": ("Arabic", "arabic"),
-    "hi": ("Hindi", "devanagari"),
-    "el": ("Greek", "greek"),
-    "he": ("Hebrew", "hebrew"),
-    "th": ("Thai", "thai"),
-}
-# For each Latin-script language of LANGUAGES, the close languages a model asked for it may drift into
-# (py3langid codes). They are identified so that their sentences are not given to the language asked for;
-# those outside LANGUAGES (gl, ca, ro, …) can be identified but not asked for. Occitan (for fr) and
-# Frisian (for nl) are left out: py3langid hands them short French and English sentences ("La capitale
-# du Canada est Ottawa." is oc, "So it travels km." fy), which costs more than the drift they would catch.
-LATIN_NEIGHBOURS: dict[str, tuple[str, ...]] = {
-    "es": ("pt", "gl", "ca"),
-    "pt": ("gl", "es"),
-    "fr": ("ca",),
-    "it": ("ro", "ca", "es"),
-    "de": ("nl", "af", "lb"),
-    "nl": ("af", "de"),
-    "sv": ("da", "no"),
-    "pl": ("cs", "sk"),
-    "tr": ("az",),
-    "id": ("ms",),
-}
-# What py3langid chooses among for a Latin-script sentence. Not its full set of 142 languages: that sends
-# short Spanish sentences to Aragonese and Extremaduran (when this was chosen, 403/410 judged sentences of
-# tests/data/langid_labelled.jsonl came out right with the full set, 405/410 with this one).
-LATIN_IDENTIFIED = frozenset(
-    [code for code, (_name, script) in LANGUAGES.items() if script == "latin"]
-    + [code for neighbours in LATIN_NEIGHBOURS.values() for code in neighbours]
-)
-_SCRIPT_LANGUAGE = {"cyrillic": "ru", "arabic": "ar", "devanagari": "hi", "greek": "el",
-                    "hebrew": "he", "thai": "th"}
-_ALIASES = {
-    "français": "fr", "francais": "fr", "deutsch": "de", "español": "es", "espanol": "es",
-    "castilian": "es", "italiano": "it", "português": "pt", "portugues": "pt", "nederlands": "nl",
-    "日本語": "ja", "中文": "zh", "汉语": "zh", "漢語": "zh", "mandarin": "zh",
-    "simplified chinese": "zh", "traditional chinese": "zh", "chinese (simplified)": "zh",
-    "chinese (traditional)": "zh", "한국어": "ko", "русский": "ru",
-}
-UNDETERMINED = "und"  # a judged sentence in a script none of LANGUAGES uses
-
-# The mission's languages: trained (in Multilingual-Thinking) and zero-shot (absent from it).
-TRAINED_LANGUAGES = ("en", "fr", "de", "es", "it")
-ZERO_SHOT_LANGUAGES = ("ja", "zh", "ko")
+from .languages import (LATIN_IDENTIFIED, SCRIPT_LANGUAGE, TRAINED_LANGUAGES, UNDETERMINED,
+                        ZERO_SHOT_LANGUAGES, normalize_language)
+from .statistics import aggregate
 
 MIN_LETTERS = 12     # alphabetic scripts: fewer letters (after cleaning) -> too short to judge
 MIN_CJK_CHARS = 4    # CJK: fewer characters -> too short to judge
 CJK_WEIGHT = 3       # one CJK character counts as this many letters when scripts compete
 
 ANSWER_IN = ("user", "target")
-
-
-def normalize_language(name_or_code: str) -> str:
-    """'Japanese', 'ja', 'JA', 'ja-JP', '日本語' -> 'ja'. Unknown -> ValueError naming the accepted set."""
-    if not isinstance(name_or_code, str) or not name_or_code.strip():
-        raise ValueError(f"language must be a non-empty string, got {name_or_code!r}; {_accepted()}")
-    key = name_or_code.strip().lower()
-    if key in LANGUAGES:
-        return key
-    for code, (name, _script) in LANGUAGES.items():
-        if key == name.lower():
-            return code
-    if key in _ALIASES:
-        return _ALIASES[key]
-    primary = re.split(r"[-_]", key, maxsplit=1)[0]  # BCP 47 region/script tags: pt-BR, zh-Hans
-    if primary != key and primary in LANGUAGES:
-        return primary
-    raise ValueError(f"unknown language {name_or_code!r}; {_accepted()}")
-
-
-def _accepted() -> str:
-    return "accepted: " + ", ".join(f"{name}/{code}" for code, (name, _s) in LANGUAGES.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +301,7 @@ def identify_sentence(sentence: str) -> str | None:
     if letters < MIN_LETTERS:
         return None
     if script != "latin":
-        return _SCRIPT_LANGUAGE.get(script, UNDETERMINED)
+        return SCRIPT_LANGUAGE.get(script, UNDETERMINED)
     latin_only = "".join(ch if not ch.isalpha() or _script(ch) == "latin" else " " for ch in cleaned)
     return _latin_identifier().classify(latin_only)[0]
 
@@ -504,109 +418,6 @@ def score_sample(
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z=1.96) Wilson score interval for successes/n, clamped to [0, 1].
-    n = 0 carries no information and gives (0.0, 1.0)."""
-    if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    # At 0/n and n/n the bound is exactly 0 or 1; rounding must not move it off.
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return lo, hi
-
-
-def aggregate(
-    samples: Iterable[Mapping],
-    group_key: str = "target_language",
-    trained: Sequence[str] | None = None,
-    zero_shot: Sequence[str] | None = None,
-) -> list[dict]:
-    """One row per value of `group_key` (sorted), then pooled rows "trained" / "zero-shot" for the
-    languages given (names or codes; a pooled row with no sample is left out), then "overall".
-    Each row: n, scorable, unparsed, truncated, think_n / think_match / think_rate / think_ci (Wilson
-    95%), think_missing (scorable but no judged reasoning), think_share_mean, and answer_n /
-    answer_match / answer_rate / answer_ci. Rates are None when their denominator is 0."""
-    samples = list(samples)
-    groups: dict[str, list[Mapping]] = {}
-    for s in samples:
-        groups.setdefault(str(s.get(group_key)), []).append(s)
-    rows = [_summarize(name, groups[name]) for name in sorted(groups)]
-    for name, languages in (("trained", trained), ("zero-shot", zero_shot)):
-        if languages is not None:
-            codes = {normalize_language(c) for c in languages}
-            pooled = [s for s in samples if s.get(group_key) in codes]
-            if pooled:
-                rows.append(_summarize(name, pooled))
-    rows.append(_summarize("overall", samples))
-    return rows
-
-
-def _summarize(group: str, samples: list[Mapping]) -> dict:
-    scorable = [s for s in samples if s.get("scorable")]
-    row = {
-        "group": group,
-        "n": len(samples),
-        "scorable": len(scorable),
-        "unparsed": sum(1 for s in samples if not s.get("parsed_ok")),
-        "truncated": sum(1 for s in samples if s.get("parsed_ok") and s.get("truncated")),
-        "think_missing": sum(1 for s in scorable if s.get("think_match") is None),
-    }
-    for metric in ("think", "answer"):
-        judged = [s[f"{metric}_match"] for s in scorable if s.get(f"{metric}_match") is not None]
-        k, n = sum(1 for m in judged if m), len(judged)
-        row.update({
-            f"{metric}_n": n,
-            f"{metric}_match": k,
-            f"{metric}_rate": k / n if n else None,
-            f"{metric}_ci": wilson_interval(k, n),
-        })
-    shares = [s["think_share"] for s in scorable if s.get("think_share") is not None]
-    row["think_share_mean"] = sum(shares) / len(shares) if shares else None
-    # Over every sample asked, unparsed and cut-off ones included: the share of all requests that were
-    # answered with reasoning in the target language. Defined even when nothing parsed (a base model
-    # that never produces Harmony channels scores 0 here, and "—" in think_rate).
-    row["think_all_rate"] = row["think_match"] / row["n"] if row["n"] else None
-    row["think_all_ci"] = wilson_interval(row["think_match"], row["n"])
-    return row
-
-
-def compare(before_rows: Sequence[Mapping], after_rows: Sequence[Mapping]) -> list[dict]:
-    """Before vs after, per group (in before's order, then groups only after has): for think and
-    answer, the two rates, diff = after - before (None if either is None), and whether the two
-    Wilson intervals overlap (overlap: the change is not clearly beyond sampling noise)."""
-    before = {r["group"]: r for r in before_rows}
-    after = {r["group"]: r for r in after_rows}
-    rows = []
-    for group in list(before) + [g for g in after if g not in before]:
-        b, a = before.get(group, {}), after.get(group, {})
-        row: dict = {"group": group, "n_before": b.get("n", 0), "n_after": a.get("n", 0),
-                     "think_all_before": b.get("think_all_rate"), "think_all_after": a.get("think_all_rate")}
-        for metric in ("think", "answer"):
-            rb, ra = b.get(f"{metric}_rate"), a.get(f"{metric}_rate")
-            cb, ca = b.get(f"{metric}_ci"), a.get(f"{metric}_ci")
-            both = rb is not None and ra is not None
-            row.update({
-                f"{metric}_before": rb,
-                f"{metric}_after": ra,
-                f"{metric}_diff": (ra - rb) if both else None,
-                f"{metric}_ci_before": cb,
-                f"{metric}_ci_after": ca,
-                f"{metric}_overlap": (cb[0] <= ca[1] and ca[0] <= cb[1]) if both else None,
-            })
-        rows.append(row)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # The offline `score` command
 
 class ScoreInputError(UserError, ValueError):
@@ -690,59 +501,3 @@ def _score_record(row: Mapping, answer_in: str) -> dict:
         return score_sample(row["target_language"], user_language=user, answer_in=answer_in, parsed=parsed)
     return score_sample(row["target_language"], row.get("analysis"), row.get("final"),
                         user_language=user, answer_in=answer_in, truncated=cut)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-def _percent(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def table_cells(rows: Sequence[Mapping]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells for aggregate rows or compare rows."""
-    if rows and "think_diff" in rows[0]:
-        headers = ["group", "n before", "n after", "think before", "think after", "Δ think", "CIs overlap",
-                   "think of all before", "think of all after", "answer before", "answer after", "Δ answer"]
-        cells = [[str(r["group"]), str(r["n_before"]), str(r["n_after"]),
-                  _percent(r["think_before"]), _percent(r["think_after"]), _signed(r["think_diff"]),
-                  "—" if r["think_overlap"] is None else ("yes" if r["think_overlap"] else "no"),
-                  _percent(r.get("think_all_before")), _percent(r.get("think_all_after")),
-                  _percent(r["answer_before"]), _percent(r["answer_after"]), _signed(r["answer_diff"])]
-                 for r in rows]
-        return headers, cells
-    headers = ["group", "n", "scorable", "unparsed", "truncated", "think match", "think 95% CI",
-               "think share", "answer match", "answer 95% CI"]
-    cells = [[str(r["group"]), str(r["n"]), str(r["scorable"]), str(r["unparsed"]), str(r["truncated"]),
-              f"{r['think_match']}/{r['think_n']} ({_percent(r['think_rate'])})", _ci(r["think_ci"], r["think_n"]),
-              "—" if r["think_share_mean"] is None else f"{r['think_share_mean']:.2f}",
-              f"{r['answer_match']}/{r['answer_n']} ({_percent(r['answer_rate'])})", _ci(r["answer_ci"], r["answer_n"])]
-             for r in rows]
-    return headers, cells
-
-
-def _signed(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:+.1f} pt"
-
-
-def _ci(ci: Sequence[float], n: int) -> str:
-    return "—" if not n else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
-
-
-def format_table(rows: Sequence[Mapping]) -> str:
-    """Aggregate or compare rows as an aligned plain-text table."""
-    headers, cells = table_cells(rows)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-              for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def to_markdown(rows: Sequence[Mapping]) -> str:
-    """Aggregate or compare rows as a markdown table."""
-    headers, cells = table_cells(rows)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)

@@ -117,7 +117,8 @@ def test_missing_suite_is_an_eval_error(tmp_path):
 
 def test_reports_are_written_from_result_tables(tmp_path):
     from lowvram_ft.evaluate import write_eval
-    from lowvram_ft.scoring import aggregate, compare, score_sample
+    from lowvram_ft.scoring import score_sample
+    from lowvram_ft.statistics import aggregate, compare
 
     samples = []
     for phase, analysis in (("before", None), ("after", "Je calcule d'abord la somme des deux nombres.")):

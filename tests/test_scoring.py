@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from lowvram_ft import scoring
+from lowvram_ft import languages, scoring
+from lowvram_ft.report import format_table, to_markdown
 from lowvram_ft.scoring import (
     Parsed,
     ScoreInputError,
-    aggregate,
     clean_for_langid,
-    compare,
-    format_table,
     identify_sentence,
     identify_text,
     normalize_language,
@@ -26,9 +24,8 @@ from lowvram_ft.scoring import (
     score_file,
     score_sample,
     split_sentences,
-    to_markdown,
-    wilson_interval,
 )
+from lowvram_ft.statistics import aggregate, compare, wilson_interval
 
 DATA = Path(__file__).parent / "data"
 LABELLED = [json.loads(line) for line in (DATA / "langid_labelled.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -212,7 +209,7 @@ def test_identify_sentence_too_short():
 
 
 def test_identify_sentence_unknown_script_is_undetermined():
-    assert identify_sentence("Սա հայերեն նախադասություն է։") == scoring.UNDETERMINED  # Armenian
+    assert identify_sentence("Սա հայերեն նախադասություն է։") == languages.UNDETERMINED  # Armenian
     assert identify_sentence("Nous devons vérifier le calcul.") == "fr"
 
 
@@ -220,9 +217,9 @@ def test_every_latin_language_is_one_py3langid_knows():
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     known = set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
-    assert scoring.LATIN_IDENTIFIED <= known
-    latin = {code for code, (_name, script) in scoring.LANGUAGES.items() if script == "latin"}
-    assert latin <= scoring.LATIN_IDENTIFIED and set(scoring.LATIN_NEIGHBOURS) <= latin
+    assert languages.LATIN_IDENTIFIED <= known
+    latin = {code for code, (_name, script) in languages.LANGUAGES.items() if script == "latin"}
+    assert latin <= languages.LATIN_IDENTIFIED and set(languages.LATIN_NEIGHBOURS) <= latin
 
 
 # The same reasoning (how many minutes are three and a half hours) in the trained languages and in the

@@ -1,0 +1,90 @@
+"""The languages the evaluation asks for and recognises: codes, names, scripts, the close neighbours a
+model may drift into, and the name -> code normalisation every command uses. Pure data, no model."""
+from __future__ import annotations
+
+import re
+
+
+# code -> (English name, script). Latin-script languages are decided by py3langid, the rest by script.
+LANGUAGES: dict[str, tuple[str, str]] = {
+    "en": ("English", "latin"),
+    "fr": ("French", "latin"),
+    "de": ("German", "latin"),
+    "es": ("Spanish", "latin"),
+    "it": ("Italian", "latin"),
+    "pt": ("Portuguese", "latin"),
+    "nl": ("Dutch", "latin"),
+    "sv": ("Swedish", "latin"),
+    "pl": ("Polish", "latin"),
+    "tr": ("Turkish", "latin"),
+    "id": ("Indonesian", "latin"),
+    "vi": ("Vietnamese", "latin"),
+    "ja": ("Japanese", "cjk"),
+    "zh": ("Chinese", "cjk"),
+    "ko": ("Korean", "cjk"),
+    "ru": ("Russian", "cyrillic"),
+    "ar": ("Arabic", "arabic"),
+    "hi": ("Hindi", "devanagari"),
+    "el": ("Greek", "greek"),
+    "he": ("Hebrew", "hebrew"),
+    "th": ("Thai", "thai"),
+}
+# For each Latin-script language of LANGUAGES, the close languages a model asked for it may drift into
+# (py3langid codes). They are identified so that their sentences are not given to the language asked for;
+# those outside LANGUAGES (gl, ca, ro, …) can be identified but not asked for. Occitan (for fr) and
+# Frisian (for nl) are left out: py3langid hands them short French and English sentences ("La capitale
+# du Canada est Ottawa." is oc, "So it travels km." fy), which costs more than the drift they would catch.
+LATIN_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "es": ("pt", "gl", "ca"),
+    "pt": ("gl", "es"),
+    "fr": ("ca",),
+    "it": ("ro", "ca", "es"),
+    "de": ("nl", "af", "lb"),
+    "nl": ("af", "de"),
+    "sv": ("da", "no"),
+    "pl": ("cs", "sk"),
+    "tr": ("az",),
+    "id": ("ms",),
+}
+# What py3langid chooses among for a Latin-script sentence. Not its full set of 142 languages: that sends
+# short Spanish sentences to Aragonese and Extremaduran (when this was chosen, 403/410 judged sentences of
+# tests/data/langid_labelled.jsonl came out right with the full set, 405/410 with this one).
+LATIN_IDENTIFIED = frozenset(
+    [code for code, (_name, script) in LANGUAGES.items() if script == "latin"]
+    + [code for neighbours in LATIN_NEIGHBOURS.values() for code in neighbours]
+)
+SCRIPT_LANGUAGE = {"cyrillic": "ru", "arabic": "ar", "devanagari": "hi", "greek": "el",
+                    "hebrew": "he", "thai": "th"}
+_ALIASES = {
+    "français": "fr", "francais": "fr", "deutsch": "de", "español": "es", "espanol": "es",
+    "castilian": "es", "italiano": "it", "português": "pt", "portugues": "pt", "nederlands": "nl",
+    "日本語": "ja", "中文": "zh", "汉语": "zh", "漢語": "zh", "mandarin": "zh",
+    "simplified chinese": "zh", "traditional chinese": "zh", "chinese (simplified)": "zh",
+    "chinese (traditional)": "zh", "한국어": "ko", "русский": "ru",
+}
+UNDETERMINED = "und"  # a judged sentence in a script none of LANGUAGES uses
+
+# The mission's languages: trained (in Multilingual-Thinking) and zero-shot (absent from it).
+TRAINED_LANGUAGES = ("en", "fr", "de", "es", "it")
+ZERO_SHOT_LANGUAGES = ("ja", "zh", "ko")
+
+def normalize_language(name_or_code: str) -> str:
+    """'Japanese', 'ja', 'JA', 'ja-JP', '日本語' -> 'ja'. Unknown -> ValueError naming the accepted set."""
+    if not isinstance(name_or_code, str) or not name_or_code.strip():
+        raise ValueError(f"language must be a non-empty string, got {name_or_code!r}; {_accepted()}")
+    key = name_or_code.strip().lower()
+    if key in LANGUAGES:
+        return key
+    for code, (name, _script) in LANGUAGES.items():
+        if key == name.lower():
+            return code
+    if key in _ALIASES:
+        return _ALIASES[key]
+    primary = re.split(r"[-_]", key, maxsplit=1)[0]  # BCP 47 region/script tags: pt-BR, zh-Hans
+    if primary != key and primary in LANGUAGES:
+        return primary
+    raise ValueError(f"unknown language {name_or_code!r}; {_accepted()}")
+
+
+def _accepted() -> str:
+    return "accepted: " + ", ".join(f"{name}/{code}" for code, (name, _s) in LANGUAGES.items())
