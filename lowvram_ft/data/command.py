@@ -30,7 +30,7 @@ def inspect(cfg: Config, show: int = 3, export: str | None = None, check: bool =
     if export:
         check_export_target(export)  # before the tokenizer (or a model) loads
     loaded = load_data(cfg)
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    tokenizer = models.load_tokenizer_for(cfg)
     tokenized = tokenize_data(loaded.train, tokenizer, cfg)
     for line in describe_stats(loaded.stats, tokenized.stats):
         say(console, line)

@@ -3,6 +3,7 @@ Harmony renderer or the tokenizer's chat template, data.train_on and data.overle
 and plain values in, ids and labels out."""
 from __future__ import annotations
 
+from ..config import CHAT_TEMPLATE_NAMES
 from ..conversation import Conversation
 from ..harmony import IGNORE_INDEX, HarmonyOptions, encode, render_training
 from .rows import PlainText
@@ -17,6 +18,14 @@ def choose_renderer(tokenizer) -> str | None:
     if all(tokenizer.convert_tokens_to_ids(t) not in unknown for t in HARMONY_MARKERS):
         return "harmony"
     return "chat_template" if getattr(tokenizer, "chat_template", None) else None
+
+
+def no_chat_template(tokenizer) -> str:
+    """The one line for a tokenizer that cannot render conversations, naming the templates it can be given."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return (f"{name}: the tokenizer has no chat template, so conversations cannot be rendered — set "
+            f"data.chat_template to one of Unsloth's ({', '.join(CHAT_TEMPLATE_NAMES)}), use a model that ships "
+            "one, or pass --tokenizer gpt-oss to render Harmony for gpt-oss")
 
 
 def render_ids(item: Conversation | PlainText, tokenizer, settings: dict, notes: dict) -> tuple[list[int], list[int]]:

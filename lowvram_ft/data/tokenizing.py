@@ -20,7 +20,7 @@ from ..config import Config
 from ..conversation import Conversation, Message
 from ..harmony import IGNORE_INDEX
 from .cache import cache_key, cache_root, progress_bars, read_cache, write_cache
-from .masking import choose_renderer, fit_length, render_ids
+from .masking import choose_renderer, fit_length, no_chat_template, render_ids
 from .problems import DataError, first_line, location_key
 from .rows import Example, PlainText
 
@@ -74,10 +74,7 @@ def render_settings(tokenizer, cfg: Config, examples: list[Example]) -> dict:
     """Everything the worker processes need besides the tokenizer, as plain values."""
     renderer = choose_renderer(tokenizer)
     if renderer is None and any(isinstance(e.item, Conversation) for e in examples):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError([f"{name}: the tokenizer has no chat template, so conversations cannot be rendered — use a "
-                         "model that ships one, set data.format=text for plain text, or pass --tokenizer gpt-oss "
-                         "to render Harmony for gpt-oss"])
+        raise DataError([f"{no_chat_template(tokenizer)}; for plain text set data.format=text"])
     text_end = tokenizer.convert_tokens_to_ids("<|endoftext|>") if renderer == "harmony" else tokenizer.eos_token_id
     return {
         "renderer": renderer or "text",
