@@ -86,6 +86,7 @@ def handle_command(line: str, session: Session):
 
 def render(conv: Conversation, tokenizer, date: str | None) -> str:
     """The generation prompt, by the renderer the model was trained with."""
+    from .data import chat_messages, no_chat_template, render_chat
     from .evaluate import uses_harmony
 
     if uses_harmony(tokenizer):
@@ -93,9 +94,7 @@ def render(conv: Conversation, tokenizer, date: str | None) -> str:
 
         return render_prompt(conv, HarmonyOptions(date=date))
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatError("this tokenizer has no chat template — use a chat model, or --tokenizer gpt-oss for gpt-oss")
-    from .data import chat_messages, render_chat
-
+        raise ChatError(no_chat_template(tokenizer))
     return render_chat(tokenizer, chat_messages(conv), True)
 
 

@@ -22,6 +22,17 @@ EMBEDDED_MODEL = "embedded"  # the tiny gpt-oss-shaped model the package builds 
 EMBEDDED_QWEN3_MODEL = "embedded-qwen3"  # its dense sibling, shaped like Qwen3 (embedded.py)
 EMBEDDED_MODELS = (EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL)
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
+# Names in Unsloth's chat-template registry (unsloth.chat_templates.CHAT_TEMPLATES, 2026.10.9; a test
+# checks this list against it), less gpt-oss / gptoss: gpt-oss renders Harmony through harmony.py.
+# Kept here, not read from unsloth, so that loading a config imports no unsloth.
+CHAT_TEMPLATE_NAMES = (
+    "unsloth", "zephyr", "chatml", "mistral", "llama", "vicuna", "vicuna_old", "vicuna old", "alpaca", "gemma",
+    "gemma_chatml", "gemma2", "gemma2_chatml", "llama-3", "llama3", "phi-3", "phi-35", "phi-3.5", "llama-3.1",
+    "llama-31", "llama-3.2", "llama-3.3", "llama-32", "llama-33", "qwen-2.5", "qwen-25", "qwen25", "qwen2.5",
+    "qwen-2.5-coder", "qwen-25-coder", "qwen2.5-coder", "qwen25-coder", "phi-4", "gemma-3", "gemma3", "qwen-3",
+    "qwen3", "gemma-3n", "gemma3n", "gemma-4", "gemma4", "gemma-4-thinking", "gemma4-thinking", "qwen3-instruct",
+    "qwen3-thinking", "lfm-2", "lfm-2.5", "starling", "yi-chat",
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -93,6 +104,9 @@ class DataConfig:
     eval_fraction: float = field(default=0.0, metadata=doc(
         "Share of rows held out for evaluation (perplexity); 0 = none.", min=0.0, max=0.5))
     seed: int = field(default=3407, metadata=doc("Seed for shuffling, mixing and the held-out split."))
+    chat_template: Literal[CHAT_TEMPLATE_NAMES] | None = field(default=None, metadata=doc(
+        "Chat template from Unsloth's registry (e.g. chatml, llama-3.1, qwen-3) used instead of the model's own; "
+        "for models that ship none. None = the model's own."))
     reasoning_effort: Literal["low", "medium", "high"] = field(default="medium", metadata=doc(
         "Harmony 'Reasoning:' level written into the system message (rows may override it)."))
     date: str = field(default="2025-08-05", metadata=doc(

@@ -1,6 +1,6 @@
 """The one shape every data format is normalised into, and every renderer reads.
 
-Plain frozen values, no heavy imports: data.py builds them from rows, harmony.py renders them for
+Plain frozen values, no heavy imports: the data package builds them from rows, harmony.py renders them for
 gpt-oss, the tokenizer's own chat template renders them for other models, evaluate.py builds prompts.
 """
 from __future__ import annotations

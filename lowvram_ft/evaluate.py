@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .config import Config, EvalConfig
 from .conversation import Conversation, Message
-from .data import chat_messages, render_chat
+from .data import chat_messages, no_chat_template, render_chat
 from .io import write_atomic, write_json
 from .model import input_device
 
@@ -98,7 +98,7 @@ def render_prompts(cases: list[Case], tokenizer, cfg: Config) -> list[str]:
         opts = HarmonyOptions(reasoning_effort=cfg.data.reasoning_effort, date=cfg.data.date)
         return [render_prompt(case_conversation(c), opts) for c in cases]
     if not getattr(tokenizer, "chat_template", None):
-        raise EvalError("this tokenizer has no chat template — use a chat model, or --tokenizer gpt-oss for gpt-oss")
+        raise EvalError(no_chat_template(tokenizer))
     return [render_chat(tokenizer, chat_messages(case_conversation(c)), True) for c in cases]
 
 

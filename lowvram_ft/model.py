@@ -221,7 +221,7 @@ def load_model(cfg: Config, device: Device):
         tokenizer = load_gptoss_tokenizer()
     elif cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
-    return model, tokenizer
+    return model, with_chat_template(tokenizer, cfg.data.chat_template)
 
 
 def load_tokenizer(name: str):
@@ -237,6 +237,24 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # noqa: BLE001
         raise explain_load_error(name, error) from error
+
+
+def load_tokenizer_for(cfg: Config):
+    """The tokenizer a run with this config renders with (model.tokenizer or the model's own, with
+    data.chat_template applied), without loading the model."""
+    if cfg.data.chat_template:
+        import_unsloth()  # before load_tokenizer imports transformers
+    return with_chat_template(load_tokenizer(cfg.model.tokenizer or cfg.model.name), cfg.data.chat_template)
+
+
+def with_chat_template(tokenizer, name: str | None):
+    """The tokenizer with Unsloth's registered chat template `name` (data.chat_template); as it is for None."""
+    if name is None:
+        return tokenizer
+    import_unsloth()
+    from unsloth.chat_templates import get_chat_template
+
+    return get_chat_template(tokenizer, chat_template=name)
 
 
 def checkpointing_value(setting: str):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lowvram_ft import data
+from lowvram_ft.data import command
 from lowvram_ft.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_export_failure_names_the_users_path_and_leaves_nothing(tmp_path, monkey
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", src)
 
-    monkeypatch.setattr(data.os, "replace", full_disk)
+    monkeypatch.setattr(command.os, "replace", full_disk)
     target = tmp_path / "out" / "ex.jsonl"
     with pytest.raises(data.DataError) as error:
         data.export_jsonl([{"input_ids": [1], "labels": [1]}], ["f.jsonl:1"], Tokenizer(), str(target))

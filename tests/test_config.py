@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lowvram_ft.config import Config, ConfigError, diff, load_config, to_dict, to_yaml
+from lowvram_ft.config import CHAT_TEMPLATE_NAMES, Config, ConfigError, diff, load_config, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,17 @@ def test_every_problem_is_reported_together_with_its_dotted_key():
     assert "lora.r: got 0; must be at least 1" in text
     assert "eval.top_p: got 1.5; must be at most 1.0" in text
     assert "noequals: overrides look like group.key=value" in text
+
+
+def test_chat_template_takes_a_name_from_unsloths_registry():
+    assert load_config().data.chat_template is None  # the model's own template
+    assert load_config(None, ["data.chat_template=llama-3.1"]).data.chat_template == "llama-3.1"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.chat_template=chatmll"])
+    [problem] = info.value.problems
+    assert problem == (f"data.chat_template: got 'chatmll'; expected one of {', '.join(CHAT_TEMPLATE_NAMES)} "
+                       "or null")
+    assert {"chatml", "llama-3.1", "qwen-3", "gemma-3", "mistral", "phi-4"} <= set(CHAT_TEMPLATE_NAMES)
 
 
 def test_booleans_are_not_numbers_and_numbers_are_not_booleans():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lowvram_ft import data
-from lowvram_ft.config import load_config
+from lowvram_ft.config import CHAT_TEMPLATE_NAMES, load_config
 from lowvram_ft.conversation import Conversation, Message
 from lowvram_ft.harmony import HarmonyOptions, render_prompt, render_training
 
@@ -150,6 +151,46 @@ def test_sharegpt_roles_normalised(tmp_path):
     assert rows[1].messages == (Message("system", "You are kind."), Message("user", "Hello"),
                                 Message("assistant", "Hi there!"))
     assert [m.role for m in rows[2].messages] == ["user", "assistant"]  # "Human" / "GPT"
+
+
+# ShareGPT rows in the spellings Unsloth's standardize_sharegpt accepts: role aliases in any case, with
+# spaces around them, and `conversations` holding role/content instead of from/value.
+SHAREGPT_ROWS = [
+    [{"conversations": [{"from": "system", "value": "You are kind."}, {"from": "human", "value": "Hello"},
+                        {"from": "gpt", "value": "Hi there!"}]},
+     {"conversations": [{"from": "Human", "value": "Thanks"}, {"from": "GPT", "value": "You're welcome."}]},
+     {"conversations": [{"from": " user ", "value": "  spaced  "}, {"from": "Assistant", "value": "ok\n"},
+                        {"from": "input", "value": "more"}, {"from": "output", "value": "done"}]},
+     {"conversations": [{"from": "SYSTEM", "value": "Be brief."}, {"from": "human", "value": "Q1"},
+                        {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
+                        {"from": "gpt", "value": "A2"}]}],
+    [{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
+]
+SHAREGPT_STANDARD = [
+    [[("system", "You are kind."), ("user", "Hello"), ("assistant", "Hi there!")],
+     [("user", "Thanks"), ("assistant", "You're welcome.")],
+     [("user", "  spaced  "), ("assistant", "ok\n"), ("user", "more"), ("assistant", "done")],
+     [("system", "Be brief."), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]],
+    [[("user", "Hi"), ("assistant", "Hello")]],
+]
+
+
+def our_sharegpt(rows: list[dict]) -> list[list[tuple[str, str]]]:
+    """Role/content of each row as our sharegpt shape normalises it."""
+    from lowvram_ft.data.rows import parse_row
+
+    out = []
+    for row in rows:
+        conversation, issues = parse_row(row, "sharegpt")
+        assert not issues, issues
+        out.append([(m.role, m.content) for m in conversation.messages])
+    return out
+
+
+def test_sharegpt_spellings_normalise_to_role_and_content():
+    """The values Unsloth's standardize_sharegpt gives for the same rows (compared live in the slow test
+    below): roles mapped, contents verbatim."""
+    assert [our_sharegpt(rows) for rows in SHAREGPT_ROWS] == SHAREGPT_STANDARD
 
 
 def test_alpaca_csv_and_text_rows(tmp_path):
@@ -409,6 +450,7 @@ def test_tokenizer_without_template_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
     assert "no chat template" in str(error.value) and "data.format=text" in str(error.value)
     assert "--tokenizer gpt-oss" in str(error.value)
+    assert f"set data.chat_template to one of Unsloth's ({', '.join(CHAT_TEMPLATE_NAMES)})" in str(error.value)
 
 
 def test_render_refusals_are_located(tmp_path, harmony_tok):
@@ -555,3 +597,67 @@ def test_parallel_tokenizing_matches_one_process(tmp_path, chatml_tok):
     _, one = tokenize(tmp_path, chatml_tok, MT, MESSAGES, num_proc=1, cache_dir=str(tmp_path / "a"))
     _, two = tokenize(tmp_path, chatml_tok, MT, MESSAGES, num_proc=2, cache_dir=str(tmp_path / "b"))
     assert two.stats["num_proc"] == 2 and two.dataset.to_dict() == one.dataset.to_dict()
+
+
+# --------------------------------------------------------------------------- against Unsloth itself
+
+UNSLOTH_CHECKS = r"""
+import json, sys
+from lowvram_ft.model import import_unsloth, with_chat_template
+import_unsloth()  # first: it patches transformers
+import datasets
+from transformers import AutoTokenizer
+from unsloth.chat_templates import CHAT_TEMPLATES, standardize_sharegpt
+
+report = {"registry": list(CHAT_TEMPLATES)}
+report["standardized"] = [[row["conversations"] for row in standardize_sharegpt(datasets.Dataset.from_list(rows))]
+                          for rows in json.loads(sys.argv[1])]
+with_chat_template(AutoTokenizer.from_pretrained(sys.argv[2]), "chatml").save_pretrained(sys.argv[3])
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def unsloth_side(tmp_path_factory) -> dict:
+    """One child process that imports unsloth (about 20 s here) and runs every Unsloth-side step: its
+    template registry, standardize_sharegpt on SHAREGPT_ROWS, and data.chat_template=chatml applied
+    through our model.with_chat_template to a tokenizer that has no template (saved for the parent)."""
+    folder = tmp_path_factory.mktemp("unsloth")
+    build_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>").save_pretrained(
+        folder / "plain")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    out = subprocess.run([sys.executable, "-c", UNSLOTH_CHECKS, json.dumps(SHAREGPT_ROWS), str(folder / "plain"),
+                          str(folder / "chatml")], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("REPORT "))
+    return {**json.loads(line.removeprefix("REPORT ")), "chatml": folder / "chatml"}
+
+
+@pytest.mark.slow
+def test_chat_template_names_are_unsloths_registry(unsloth_side):
+    registry = unsloth_side["registry"]
+    assert len(set(CHAT_TEMPLATE_NAMES)) == len(CHAT_TEMPLATE_NAMES)
+    assert set(CHAT_TEMPLATE_NAMES) == set(registry) - {"gpt-oss", "gptoss"}  # gpt-oss renders Harmony
+
+
+@pytest.mark.slow
+def test_sharegpt_normalisation_agrees_with_unsloths_standardize_sharegpt(unsloth_side):
+    theirs = [[[(m["role"], m["content"]) for m in conversation] for conversation in standardized]
+              for standardized in unsloth_side["standardized"]]
+    assert theirs == [our_sharegpt(rows) for rows in SHAREGPT_ROWS] == SHAREGPT_STANDARD
+
+
+@pytest.mark.slow
+def test_a_template_from_unsloths_registry_renders_and_masks(unsloth_side, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(unsloth_side["chatml"])
+    conversation = Conversation((Message("system", "Be kind."), Message("user", "Hello"),
+                                 Message("assistant", "Hi there!")))
+    cfg = config(tmp_path, "sample", chat_template="chatml")
+    row = data.tokenize_data([conversation], tokenizer, cfg).dataset[0]
+    messages = data.chat_messages(conversation)
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert trained_text(tokenizer, row["input_ids"], row["labels"]) == ["Hi there!<|im_end|>"]

@@ -203,10 +203,10 @@ def test_every_error_class_of_the_package_is_a_user_error_with_an_exit_code():
     from lowvram_ft.errors import UserError
 
     found = {}
-    for info in pkgutil.iter_modules(lowvram_ft.__path__):
-        if info.name in ("__main__",):
+    for info in pkgutil.walk_packages(lowvram_ft.__path__, "lowvram_ft."):  # subpackages too (lowvram_ft.data)
+        if info.name == "lowvram_ft.__main__":
             continue
-        module = importlib.import_module(f"lowvram_ft.{info.name}")
+        module = importlib.import_module(info.name)
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ and issubclass(cls, Exception) and name != "UserError":
                 found[name] = cls

@@ -384,7 +384,7 @@ def test_the_one_normalisation_of_a_data_row_is_the_language_line_separator(toke
     openai-harmony renders the normalised developer text."""
     from openai_harmony import RenderConversationConfig
 
-    from lowvram_ft.data import Issues, parse_messages
+    from lowvram_ft.data.rows import Issues, parse_messages
 
     row = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Ciao"},
                         {"role": "assistant", "content": "Ciao!", "thinking": "Saluto."}]}

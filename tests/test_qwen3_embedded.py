@@ -2,7 +2,7 @@
 end to end on the CPU, rendered with Qwen3's real chat template.
 
 Fast tier: the build (shape, tied embeddings, tokens, template, determinism), and the training text
-under Qwen3's template — the prompt of each example is exactly what the template renders for
+under Qwen3's template — the prompt of each assistant turn is exactly what the template renders for
 inference, the trained tokens exactly what the model generates (reasoning in <think>, answer,
 <|im_end|>), earlier turns without their reasoning as Qwen3 renders them.
 Slow tier: one training run per session (configs/embedded-qwen3.yaml); each test reads its outputs
@@ -158,10 +158,13 @@ def test_prompt_is_the_inference_prompt_and_only_the_assistant_part_trains(case,
     render = tokenizer.apply_chat_template
     # The training text is what the model's own template renders for this conversation ...
     assert tokenizer.decode(ids) == render(MESSAGES[case], tokenize=False)
-    # ... its prompt part is exactly the generation prompt of the history, token for token ...
-    prompt = render(MESSAGES[case][:-1], add_generation_prompt=True, tokenize=False)
-    last_start = max(i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100))
-    assert ids[:last_start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # ... before each assistant turn stands exactly the generation prompt of its history, token for token ...
+    starts = [i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100)]
+    turns = [i for i, m in enumerate(MESSAGES[case]) if m["role"] == "assistant"]
+    assert len(starts) == len(turns)
+    for start, turn in zip(starts, turns):
+        prompt = render(MESSAGES[case][:turn], add_generation_prompt=True, tokenize=False)
+        assert ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     # ... and the trained tokens are exactly what the model generates after it, up to its stop token.
     trained = [tokenizer.decode(run) for is_trained, run in runs(ids, labels) if is_trained]
     assert trained == TRAINED[case]
