@@ -104,10 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.set_defaults(run=run_eval, smoke=True)
 
     bench = sub.add_parser("bench", help="peak VRAM and tokens/s: our trainer vs the plain Hugging Face stack")
-    bench.add_argument("--config", metavar="CASES.yaml", help="case matrix (default: benchmarks/cases/gpu.yaml "
-                       "on a GPU, cpu.yaml otherwise)")
     bench.set_defaults(run=run_bench)
-    try_add_bench_arguments(bench)
+    add_bench_arguments(bench)
 
     plan = sub.add_parser("plan", help="predict peak VRAM from config.json alone and recommend what fits")
     add_run_options(plan)
@@ -294,17 +292,17 @@ def run_eval(args) -> int:
     return 0
 
 
-def try_add_bench_arguments(parser) -> None:
-    """The bench module owns its extra flags; it imports nothing heavy at module level."""
-    from .bench import add_bench_arguments
+def add_bench_arguments(parser) -> None:
+    """The bench owns its flags; bench.cli imports nothing heavy at module level."""
+    from .bench.cli import add_bench_arguments as add_arguments
 
-    add_bench_arguments(parser)
+    add_arguments(parser)
 
 
 def run_bench(args) -> int:
-    from . import bench
+    from .bench.supervisor import run_bench as run_suite
 
-    bench.run_bench(args.config, out_dir=args.out, only=args.cases, budgets=args.budgets)
+    run_suite(args.config, out_dir=args.out, only=args.cases, budgets=args.budgets)
     return 0
 
 

@@ -13,7 +13,7 @@ slow or failing step cannot lose the others. A step whose prerequisite failed is
                r=8, attention + experts) for --train-steps steps on an emulated --card-gib card, with the
                planner's prediction beside the measurement
   bench        ours vs hf at seq 1024 and 2048, batch 1, steady-state steps, and the longest sequence at
-               batch 1 within 16 GiB (benchmarks/cases/gpu-check.yaml)
+               batch 1 within 16 GiB (lowvram_ft/bench/cases/gpu-check.yaml)
   smoke        the reasoning-language smoke test of the headline run on the emulated card
   pytest       `pytest -m gpu` (tests/test_gpu.py, reusing the built checkpoint)
 
@@ -35,7 +35,9 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
-from . import bench
+from .bench.matrix import CASES_DIR
+from .bench.metrics import train_memory
+from .bench.models import random_checkpoint_dir
 from .folders import make_dirs
 from .io import write_atomic
 
@@ -81,7 +83,7 @@ class Check:
         """The built checkpoint where bench looks for it (LOWVRAM_FT_CACHE=work), or the given model."""
         if self.model != BUILT_MODEL:
             return Path(self.model)
-        return self.work / "bench-models" / bench.random_checkpoint_dir(BUILT_MODEL, "split-bnb4").name
+        return self.work / "bench-models" / random_checkpoint_dir(BUILT_MODEL, "split-bnb4").name
 
     @property
     def run_dir(self) -> Path:
@@ -178,7 +180,7 @@ def headline_step(check: Check, python: str) -> Step:
 
 
 def bench_step(check: Check, python: str) -> Step:
-    matrix = Path(__file__).resolve().parents[1] / "benchmarks" / "cases" / "gpu-check.yaml"
+    matrix = CASES_DIR / "gpu-check.yaml"
     out = check.work / "bench"
     return Step("bench", [python, "-m", "lowvram_ft", "bench", "--config", str(matrix), "--out", str(out)],
                 env={"LOWVRAM_FT_CACHE": str(check.work), "LOWVRAM_FT_BENCH_KEEP_MODELS": "1"},
@@ -300,7 +302,7 @@ def bench_target_lines(figures: dict) -> list[str]:
             lines.append(f"seq {seq}: ours vs hf not both measured")
             continue
         speed = ours["tokens_per_s"] / hf["tokens_per_s"]
-        mem = (bench.train_memory(ours, "peak_reserved_gib") or 0) / max(bench.train_memory(hf, "peak_reserved_gib") or 0, 1e-9)
+        mem = (train_memory(ours, "peak_reserved_gib") or 0) / max(train_memory(hf, "peak_reserved_gib") or 0, 1e-9)
         met = speed >= TARGETS["speedup"] and mem <= TARGETS["peak_ratio"]
         lines.append(f"seq {seq}: ours {speed:.2f}x the hf stack's tokens/s at {mem:.2f} of its peak reserved: "
                      f"{'met' if met else 'NOT met'} (target >= 2x at <= 1/3)")

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import GPU_ENV
-from lowvram_ft import bench
-from lowvram_ft.bench import Case
+from lowvram_ft.bench import baselines, dataset, inspection, matrix, metrics, models, processes, report, supervisor, worker
+from lowvram_ft.bench.matrix import CASES_DIR, Case
+from lowvram_ft.io import GIB
 from lowvram_ft.memory import FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ CPU_LOSS_TOLERANCE = 1e-3
 
 def record(setting="embedded s256 b1", stack="lowvram_ft", **figures) -> dict:
     case = Case(stack=stack, model="embedded", seq_len=256)
-    out = bench.empty_figures()
+    out = metrics.empty_figures()
     out.update(case=dataclasses.asdict(case), setting=setting, stack=stack, **{"status": "ok", **figures})
     return out
 
@@ -40,65 +41,65 @@ def record(setting="embedded s256 b1", stack="lowvram_ft", **figures) -> dict:
 
 def test_tokens_per_second_is_tokens_per_step_over_the_median_step_after_warmup():
     times = [5.0, 1.0, 2.0, 1.0, 10.0]  # 5.0: warm-up (compilation); 10.0: a stray pause
-    assert bench.median_step_s(times, warmup_steps=1) == 1.5
-    assert bench.tokens_per_second(times, tokens_per_step=300, warmup_steps=1) == 200.0
-    assert bench.tokens_per_second(times, tokens_per_step=300, warmup_steps=0) == 150.0  # median 2.0
-    assert bench.tokens_per_second(times, 300, warmup_steps=5) is None  # nothing left to time
+    assert metrics.median_step_s(times, warmup_steps=1) == 1.5
+    assert metrics.tokens_per_second(times, tokens_per_step=300, warmup_steps=1) == 200.0
+    assert metrics.tokens_per_second(times, tokens_per_step=300, warmup_steps=0) == 150.0  # median 2.0
+    assert metrics.tokens_per_second(times, 300, warmup_steps=5) is None  # nothing left to time
 
 
 def test_training_flops_count_six_n_plus_the_attention_term():
     layers = [(2, 4, None), (2, 4, 4)]  # one full-attention layer, one sliding window of 4
     # 6 * 1000 + 12 * 2 * 4 * 8 (full: T = 8) + 12 * 2 * 4 * 4 (sliding: T = window)
-    assert bench.training_flops_per_token(1000, seq_len=8, layers=layers) == 6000 + 768 + 384
-    assert bench.training_flops_per_token(1000, seq_len=2, layers=layers) == 6000 + 192 + 192
+    assert metrics.training_flops_per_token(1000, seq_len=8, layers=layers) == 6000 + 768 + 384
+    assert metrics.training_flops_per_token(1000, seq_len=2, layers=layers) == 6000 + 192 + 192
 
 
 def test_flops_of_the_gpt_oss_20b_shape_from_its_config():
     config = json.loads((ROOT / "lowvram_ft/assets/model_configs/gpt-oss-20b.json").read_text())
-    layers = bench.attention_layers(config)
+    layers = metrics.attention_layers(config)
     assert len(layers) == 24 and layers[0] == (64, 64, 128) and layers[1] == (64, 64, None)
-    assert bench.active_parameters(config) == 3_608_307_264  # OpenAI's "3.6B active"
+    assert metrics.active_parameters(config) == 3_608_307_264  # OpenAI's "3.6B active"
     # 6 x 3,608,307,264 + 12 x 64 x 64 x (12 x 1024 + 12 x 128)
-    assert bench.training_flops_per_token(3_608_307_264, 1024, layers) == 21_649_843_584 + 679_477_248
+    assert metrics.training_flops_per_token(3_608_307_264, 1024, layers) == 21_649_843_584 + 679_477_248
 
 
 def test_mfu_against_the_peak_of_the_named_gpu():
-    assert bench.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert bench.peak_bf16_flops("NVIDIA H100 PCIe") == 756.0e12
-    assert bench.peak_bf16_flops("NVIDIA H200") == 989.4e12
-    assert bench.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312.0e12
-    assert bench.peak_bf16_flops("NVIDIA L40S") == 362.05e12
-    assert bench.peak_bf16_flops("NVIDIA L4") == 121.0e12
-    assert bench.peak_bf16_flops("Tesla T4") is None and bench.peak_bf16_flops("cpu") is None
-    mfu = bench.model_flops_utilization(10_000, 22_329_320_832, 989.4e12)
+    assert metrics.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert metrics.peak_bf16_flops("NVIDIA H100 PCIe") == 756.0e12
+    assert metrics.peak_bf16_flops("NVIDIA H200") == 989.4e12
+    assert metrics.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312.0e12
+    assert metrics.peak_bf16_flops("NVIDIA L40S") == 362.05e12
+    assert metrics.peak_bf16_flops("NVIDIA L4") == 121.0e12
+    assert metrics.peak_bf16_flops("Tesla T4") is None and metrics.peak_bf16_flops("cpu") is None
+    mfu = metrics.model_flops_utilization(10_000, 22_329_320_832, 989.4e12)
     assert mfu == pytest.approx(0.225685, abs=1e-6)
-    assert bench.model_flops_utilization(None, 1, 1.0) is None
-    assert bench.model_flops_utilization(10.0, 1, None) is None
+    assert metrics.model_flops_utilization(None, 1, 1.0) is None
+    assert metrics.model_flops_utilization(10.0, 1, None) is None
 
 
 def test_budgets_are_emulated_like_the_trainers_card_and_take_the_cuda_context_off():
     from lowvram_ft import model
 
-    assert bench.emulated_card_fraction is model.emulated_card_fraction  # one computation, not two
-    total = 80 * bench.GIB
-    assert bench.emulated_card_fraction(16, total) == 0.2
-    assert bench.emulated_card_fraction(16, total, context_bytes=bench.GIB // 2) == 15.5 / 80
-    assert bench.emulated_card_fraction(100, total) == 1.0  # a card larger than the GPU: no cap
+    assert worker.emulated_card_fraction is model.emulated_card_fraction  # one computation, not two
+    total = 80 * GIB
+    assert worker.emulated_card_fraction(16, total) == 0.2
+    assert worker.emulated_card_fraction(16, total, context_bytes=GIB // 2) == 15.5 / 80
+    assert worker.emulated_card_fraction(100, total) == 1.0  # a card larger than the GPU: no cap
     # A bad budget never reaches it: the matrix is refused first (test_bad_case_values_are_named).
-    assert bench.case_problems(Case(stack="hf", budget_gib=0)) == ["budget_gib: got 0; expected a positive number of GiB"]
+    assert matrix.case_problems(Case(stack="hf", budget_gib=0)) == ["budget_gib: got 0; expected a positive number of GiB"]
 
 
 def test_loss_agreement_is_the_largest_difference_over_common_steps():
-    assert bench.loss_max_abs_diff([6.0, 5.5, 5.0], [6.0, 5.25]) == 0.25
-    assert bench.loss_max_abs_diff([6.0, 5.5, 5.0], [6.5, 5.0, 0.0], steps=1) == 0.5
-    assert bench.loss_max_abs_diff([], [1.0]) is None
+    assert metrics.loss_max_abs_diff([6.0, 5.5, 5.0], [6.0, 5.25]) == 0.25
+    assert metrics.loss_max_abs_diff([6.0, 5.5, 5.0], [6.5, 5.0, 0.0], steps=1) == 0.5
+    assert metrics.loss_max_abs_diff([], [1.0]) is None
 
 
 def test_fixed_length_rows_cut_the_stream_cyclically_into_the_vocabulary():
-    assert bench.fixed_length_rows([1, 2, 3], seq_len=2, rows=3, vocab_size=10) == [[1, 2], [3, 1], [2, 3]]
-    assert bench.fixed_length_rows([11, 4], seq_len=3, rows=1, vocab_size=10) == [[1, 4, 1]]
-    with pytest.raises(bench.BenchError):
-        bench.fixed_length_rows([], 2, 1, 10)
+    assert dataset.fixed_length_rows([1, 2, 3], seq_len=2, rows=3, vocab_size=10) == [[1, 2], [3, 1], [2, 3]]
+    assert dataset.fixed_length_rows([11, 4], seq_len=3, rows=1, vocab_size=10) == [[1, 4, 1]]
+    with pytest.raises(matrix.BenchError):
+        dataset.fixed_length_rows([], 2, 1, 10)
 
 
 def test_longest_seq_climbs_the_ladder_then_bisects():
@@ -111,17 +112,17 @@ def test_longest_seq_climbs_the_ladder_then_bisects():
         return trains
 
     ladder = [512, 1024, 2048, 4096, 8192]
-    assert bench.longest_seq(fits_up_to(5000), ladder, bisect_steps=2, multiple=256) == 4096
+    assert metrics.longest_seq(fits_up_to(5000), ladder, bisect_steps=2, multiple=256) == 4096
     assert tried == [512, 1024, 2048, 4096, 8192, 6144, 5120]
     tried.clear()
-    assert bench.longest_seq(fits_up_to(5000), ladder, bisect_steps=3, multiple=256) == 4608
+    assert metrics.longest_seq(fits_up_to(5000), ladder, bisect_steps=3, multiple=256) == 4608
     assert tried[-1] == 4608
-    assert bench.longest_seq(fits_up_to(100), ladder, 2, 256) is None  # not even the first rung
-    assert bench.longest_seq(fits_up_to(10**6), ladder, 2, 256) == 8192  # the whole ladder
+    assert metrics.longest_seq(fits_up_to(100), ladder, 2, 256) is None  # not even the first rung
+    assert metrics.longest_seq(fits_up_to(10**6), ladder, 2, 256) == 8192  # the whole ladder
 
 
 def test_budget_search_skips_cards_smaller_than_one_that_could_not_train():
-    search = bench.BudgetSearch(gib=(48.0, 24.0, 16.0), models=("m",), stacks=("hf",), seq_ladder=(512, 1024, 2048),
+    search = matrix.BudgetSearch(gib=(48.0, 24.0, 16.0), models=("m",), stacks=("hf",), seq_ladder=(512, 1024, 2048),
                                 bisect_steps=0, grid_batch=(1, 2), grid_seq=(1024,))
     capacity = {48.0: 2048 * 2, 24.0: 1024, 16.0: 0}  # tokens per step each card can train
     runs = []
@@ -134,7 +135,7 @@ def test_budget_search_skips_cards_smaller_than_one_that_could_not_train():
 
     from rich.console import Console
 
-    records = bench.search_budgets(search, run, Console(file=io.StringIO()))
+    records = supervisor.search_budgets(search, run, Console(file=io.StringIO()))
     assert runs == [
         (48.0, 1, 512, "longest_seq"), (48.0, 1, 1024, "longest_seq"), (48.0, 1, 2048, "longest_seq"),
         (48.0, 2, 1024, "fastest"),  # batch 1 x 1024 was measured on the ladder: not run again
@@ -143,7 +144,7 @@ def test_budget_search_skips_cards_smaller_than_one_that_could_not_train():
         (16.0, 1, 512, "longest_seq"),  # fails: the search of 16 GiB ends there
     ]
     assert len(records) == len(runs)
-    assert bench.fastest(r for r in records if r["case"]["budget_gib"] == 48.0)["tokens_per_s"] == 2048.0
+    assert metrics.fastest(r for r in records if r["case"]["budget_gib"] == 48.0)["tokens_per_s"] == 2048.0
 
 
 # --------------------------------------------------------------------------- records and reports
@@ -151,31 +152,31 @@ def test_budget_search_skips_cards_smaller_than_one_that_could_not_train():
 
 def test_an_oom_case_is_a_record_with_the_memory_at_failure():
     case = Case(stack="hf", model="gpt-oss-20b-random", seq_len=4096, budget_gib=16)
-    oom = bench.failure_record(case, "OOM", "CUDA out of memory", {"phase": "train", "reserved": 15.2})
-    assert set(oom) == set(bench.empty_figures()) | {"case", "setting", "stack"}
+    oom = metrics.failure_record(case, "OOM", "CUDA out of memory", {"phase": "train", "reserved": 15.2})
+    assert set(oom) == set(metrics.empty_figures()) | {"case", "setting", "stack"}
     assert (oom["status"], oom["error"], oom["setting"], oom["stack"]) == (
         "OOM", "CUDA out of memory", "gpt-oss-20b-random s4096 b1 @16GiB", "hf")
     assert oom["memory_at_failure_gib"] == {"phase": "train", "reserved": 15.2}
     assert oom["tokens_per_s"] is None and oom["case"]["budget_gib"] == 16
     with pytest.raises(ValueError):
-        bench.failure_record(case, "ok", "")
+        metrics.failure_record(case, "ok", "")
 
 
 def test_a_dead_case_process_is_oom_a_hung_one_a_timeout(tmp_path):
     log = tmp_path / "case.log"
     log.write_text("loading\nValueError: bad rope\n")
-    assert bench.classify_exit(None, log, 900)[0] == "timeout"
-    assert bench.classify_exit(-9, log, 900)[0] == "OOM"  # SIGKILL: the kernel's OOM killer
-    assert bench.classify_exit(1, log, 900) == ("error", "exit code 1: loading | ValueError: bad rope")
+    assert processes.classify_exit(None, log, 900)[0] == "timeout"
+    assert processes.classify_exit(-9, log, 900)[0] == "OOM"  # SIGKILL: the kernel's OOM killer
+    assert processes.classify_exit(1, log, 900) == ("error", "exit code 1: loading | ValueError: bad rope")
     log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
-    assert bench.classify_exit(1, log, 900)[0] == "OOM"
+    assert processes.classify_exit(1, log, 900)[0] == "OOM"
 
 
 def test_result_files_are_named_by_date_device_and_matrix():
     day = date(2026, 11, 23)
-    assert bench.result_stem(day, "NVIDIA H100 80GB HBM3", "gpu") == "2026-11-23-nvidia-h100-80gb-hbm3"
-    assert bench.result_stem(day, "cpu", "cpu") == "2026-11-23-cpu"
-    assert bench.result_stem(day, "NVIDIA H200", "budgets") == "2026-11-23-nvidia-h200-budgets"
+    assert report.result_stem(day, "NVIDIA H100 80GB HBM3", "gpu") == "2026-11-23-nvidia-h100-80gb-hbm3"
+    assert report.result_stem(day, "cpu", "cpu") == "2026-11-23-cpu"
+    assert report.result_stem(day, "NVIDIA H200", "budgets") == "2026-11-23-nvidia-h200-budgets"
 
 
 def test_markdown_tables_for_cpu_figures():
@@ -184,41 +185,41 @@ def test_markdown_tables_for_cpu_figures():
                   trainable_parameters=counts, losses=[6.1091, 6.0902, 6.0713, 6.05], data_digest="d")
     hf = record(stack="hf", tokens_per_s=4941.0, median_step_s=0.0512, peak_rss_gib=0.91, load_gib=0.01,
                 trainable_parameters=counts, losses=[6.1091, 6.0902, 6.0714], data_digest="d")
-    assert bench.case_table([ours, hf], gpu=False) == [
+    assert report.case_table([ours, hf], gpu=False) == [
         "| setting | stack | status | tokens/s | median step s | peak RSS | load | trainable | first losses |",
         "|---|---|---|---|---|---|---|---|---|",
         "| embedded s256 b1 | lowvram_ft | ok | 4,388 | 0.056 | 0.92 | 0.01 | 110,592 | 6.1091, 6.0902, 6.0713 |",
         "| embedded s256 b1 | hf | ok | 4,941 | 0.051 | 0.91 | 0.01 | 110,592 | 6.1091, 6.0902, 6.0714 |",
     ]
-    assert bench.comparison_table([ours, hf], gpu=False)[2] == (
+    assert report.comparison_table([ours, hf], gpu=False)[2] == (
         "| embedded s256 b1 | 0.89x | 1.01x | yes | yes | 1.00e-04 |")
-    report = bench.markdown_report([ours, hf], {"date": "2026-11-23", "device": {"kind": "cpu", "name": "cpu"},
+    markdown = report.markdown_report([ours, hf], {"date": "2026-11-23", "device": {"kind": "cpu", "name": "cpu"},
                                                 "command": "python -m lowvram_ft bench"})
-    assert report.startswith("# Benchmark — 2026-11-23, cpu\n\nCPU figures (no GPU on this machine; GPU figures need a GPU)")
-    assert "Command: `python -m lowvram_ft bench`" in report and "Emulated budgets" not in report
+    assert markdown.startswith("# Benchmark — 2026-11-23, cpu\n\nCPU figures (no GPU on this machine; GPU figures need a GPU)")
+    assert "Command: `python -m lowvram_ft bench`" in markdown and "Emulated budgets" not in markdown
 
 
 def test_markdown_marks_oom_and_budgets_as_emulated():
     ok = record(setting="gpt-oss-20b-random s1024 b1 @16GiB", stack="lowvram_ft", tokens_per_s=5000.0,
                 peak_reserved_gib=11.5, mfu=0.2)
     ok["case"].update(model="gpt-oss-20b-random", budget_gib=16.0, seq_len=1024, search="longest_seq")
-    oom = bench.failure_record(Case(stack="hf", model="gpt-oss-20b-random", seq_len=512, budget_gib=16.0,
+    oom = metrics.failure_record(Case(stack="hf", model="gpt-oss-20b-random", seq_len=512, budget_gib=16.0,
                                     search="longest_seq"), "OOM", "CUDA out of memory")
     env = {"date": "2026-11-23", "device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_gib": 79.2},
-           "command": "python -m lowvram_ft bench --config benchmarks/cases/budgets.yaml", "peak_tflops": 989.4}
-    report = bench.markdown_report([ok, oom], env)
-    assert "Budgets are emulated on one NVIDIA H100 80GB HBM3 (79.2 GiB)" in report
+           "command": "python -m lowvram_ft bench --config lowvram_ft/bench/cases/budgets.yaml", "peak_tflops": 989.4}
+    markdown = report.markdown_report([ok, oom], env)
+    assert "Budgets are emulated on one NVIDIA H100 80GB HBM3 (79.2 GiB)" in markdown
     assert ("Unsloth sizes its loss chunks (and offload buffers) from torch.cuda.mem_get_info, which a "
-            "per-process memory cap does not change") in report
-    assert "| 16 GiB | gpt-oss-20b-random | lowvram_ft | 1,024 | batch 1 x seq 1024 | 5,000 |" in report
-    assert "| 16 GiB | gpt-oss-20b-random | hf | does not train | nothing fits | — |" in report
+            "per-process memory cap does not change") in markdown
+    assert "| 16 GiB | gpt-oss-20b-random | lowvram_ft | 1,024 | batch 1 x seq 1024 | 5,000 |" in markdown
+    assert "| 16 GiB | gpt-oss-20b-random | hf | does not train | nothing fits | — |" in markdown
 
 
 def test_memory_figures_are_read_from_the_train_phase_and_from_older_lines():
     row = record(memory={"load": dict.fromkeys(FIELDS, 1.0), "train": {**dict.fromkeys(FIELDS), "peak_reserved_gib": 11.5}})
-    assert bench.train_memory(row, "peak_reserved_gib") == 11.5 and bench.train_memory(row, "peak_rss_gib") is None
+    assert metrics.train_memory(row, "peak_reserved_gib") == 11.5 and metrics.train_memory(row, "peak_rss_gib") is None
     old = {"peak_reserved_gib": 30.5, "peak_nvml_gib": 31.25, "peak_rss_gib": 2.0}  # lines written before the blocks
-    assert [bench.train_memory(old, f) for f in FIELDS] == [None, 30.5, 31.25, 2.0]
+    assert [metrics.train_memory(old, f) for f in FIELDS] == [None, 30.5, 31.25, 2.0]
 
 
 def test_an_invalid_case_is_left_out_of_every_figure_with_its_reason():
@@ -227,28 +228,28 @@ def test_an_invalid_case_is_left_out_of_every_figure_with_its_reason():
                   "expert weights loaded unquantized", load_gib=39.0, trainable_parameters=counts)
     hf = record(setting="s", stack="hf", tokens_per_s=900.0, trainable_parameters=counts,
                 memory={"load": dict.fromkeys(FIELDS), "train": {**dict.fromkeys(FIELDS), "peak_reserved_gib": 50.0}})
-    assert bench.case_table([ours], gpu=True)[2] == "| s | lowvram_ft | **invalid** | — | — | — | — | — | — | — | — | — |"
-    assert bench.comparison_table([ours, hf], gpu=True)[2:] == []  # no ratio against an invalid case
-    assert bench.chart_value(ours, "tokens_per_s") == 0.0 and bench.chart_value(hf, "peak_reserved_gib") == 50.0
+    assert report.case_table([ours], gpu=True)[2] == "| s | lowvram_ft | **invalid** | — | — | — | — | — | — | — | — | — |"
+    assert report.comparison_table([ours, hf], gpu=True)[2:] == []  # no ratio against an invalid case
+    assert report.chart_value(ours, "tokens_per_s") == 0.0 and report.chart_value(hf, "peak_reserved_gib") == 50.0
     env = {"date": "2026-11-23", "device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "command": "c"}
-    report = bench.markdown_report([ours, hf], env)
+    markdown = report.markdown_report([ours, hf], env)
     assert ("| s | lowvram_ft | invalid | asked for 4-bit weights, but 48 of 48 expert weights loaded unquantized |"
-            in report.split("## Not measured")[1])
+            in markdown.split("## Not measured")[1])
 
 
 def test_a_later_run_replaces_only_the_cases_it_measured_again():
     a, b = record(setting="x", stack="hf", tokens_per_s=1.0), record(setting="y", stack="hf", tokens_per_s=2.0)
     a2, c = record(setting="x", stack="hf", tokens_per_s=3.0), record(setting="z", stack="hf", tokens_per_s=4.0)
-    merged = bench.merge_records([a, b], [c, a2])
+    merged = report.merge_records([a, b], [c, a2])
     assert [(r["setting"], r["tokens_per_s"]) for r in merged] == [("x", 3.0), ("y", 2.0), ("z", 4.0)]
 
 
 def test_cpu_timings_on_a_busy_machine_are_flagged():
     env = {"device": {"kind": "cpu", "name": "cpu"}, "cpu_count": 2}
-    assert bench.busy_warning([record(load_average=2.3)], env) is None  # the case's own two threads
-    warning = bench.busy_warning([record(load_average=2.3), record(load_average=3.9)], env)
+    assert report.busy_warning([record(load_average=2.3)], env) is None  # the case's own two threads
+    warning = report.busy_warning([record(load_average=2.3), record(load_average=3.9)], env)
     assert warning.startswith("**Warning: other processes were using the CPU (1-minute load average up to 3.9 on 2")
-    assert bench.busy_warning([record(load_average=9.0)], {**env, "device": {"kind": "cuda"}}) is None
+    assert report.busy_warning([record(load_average=9.0)], {**env, "device": {"kind": "cuda"}}) is None
 
 
 # --------------------------------------------------------------------------- what loaded, what ran
@@ -274,16 +275,16 @@ def test_a_4bit_case_whose_experts_loaded_16bit_is_invalid():
     from lowvram_ft.gptoss_checkpoint import describe_loaded
 
     split_4bit, split_bf16 = describe_loaded(tiny_split_experts(True)), describe_loaded(tiny_split_experts(False))
-    assert bench.classify_loaded("4bit", split_4bit) == ("ok", None)
-    assert bench.classify_loaded("4bit", split_bf16) == ("invalid", "asked for 4-bit weights, but 2 of 2 expert weights "
+    assert metrics.classify_loaded("4bit", split_4bit) == ("ok", None)
+    assert metrics.classify_loaded("4bit", split_bf16) == ("invalid", "asked for 4-bit weights, but 2 of 2 expert weights "
                                                          "loaded unquantized (parameters: bfloat16 0.0166M) — not the "
                                                          "model users train")
-    assert bench.classify_loaded("16bit", split_bf16) == ("ok", None)  # the hf stack's bf16 recipe
+    assert metrics.classify_loaded("16bit", split_bf16) == ("ok", None)  # the hf stack's bf16 recipe
     dense = {"parameters_by_dtype": {"bfloat16": 10}, "params4bit": 0, "expert_weights": 0, "expert_weights_4bit": 0,
              "experts_4bit": False}
-    assert bench.classify_loaded("4bit", dense)[0] == "invalid"
-    assert bench.classify_loaded("4bit", {**dense, "params4bit": 3})[0] == "ok"
-    assert "invalid" in bench.STATUSES
+    assert metrics.classify_loaded("4bit", dense)[0] == "invalid"
+    assert metrics.classify_loaded("4bit", {**dense, "params4bit": 3})[0] == "ok"
+    assert "invalid" in metrics.STATUSES
 
 
 @pytest.mark.slow
@@ -291,7 +292,7 @@ def test_per_expert_calls_tell_the_loop_from_the_grouped_path():
     import torch
 
     model = tiny_split_experts(False)
-    calls = bench.PerExpertCalls(model)
+    calls = inspection.PerExpertCalls(model)
     assert len(calls.modules) == 2 and calls.calls == 0
     x = torch.ones(1, 64, dtype=torch.bfloat16)
     for expert in model.mlp.experts.gate_up_projs:  # what the per-expert loop does
@@ -299,69 +300,72 @@ def test_per_expert_calls_tell_the_loop_from_the_grouped_path():
     assert calls.calls == 2
     facts = {"per_expert_modules": 2, "per_expert_calls": 2, "experts_forward": "x.GptOssExpertsBnb4bit.forward",
              "experts_implementation": None, "grouped_mm_available": True}
-    assert bench.moe_path_summary(facts) == "per-expert loop"
-    assert bench.moe_path_summary({**facts, "per_expert_calls": 0}) == "grouped (stacked 4-bit experts)"
-    assert bench.moe_path_summary({**facts, "per_expert_calls": None}) == "not run"
+    assert metrics.moe_path_summary(facts) == "per-expert loop"
+    assert metrics.moe_path_summary({**facts, "per_expert_calls": 0}) == "grouped (stacked 4-bit experts)"
+    assert metrics.moe_path_summary({**facts, "per_expert_calls": None}) == "not run"
     fused = {**facts, "per_expert_modules": 0, "per_expert_calls": None}
-    assert bench.moe_path_summary({**fused, "experts_forward": "unsloth_zoo.temporary_patches.moe_utils."
+    assert metrics.moe_path_summary({**fused, "experts_forward": "unsloth_zoo.temporary_patches.moe_utils."
                                    "forward_native_moe_loop"}) == "per-expert loop"
-    assert bench.moe_path_summary({**fused, "experts_implementation": "grouped_mm"}) == "grouped_mm"
-    assert bench.moe_path_summary({**fused, "experts_implementation": "grouped_mm", "grouped_mm_available": False}) == (
+    assert metrics.moe_path_summary({**fused, "experts_implementation": "grouped_mm"}) == "grouped_mm"
+    assert metrics.moe_path_summary({**fused, "experts_implementation": "grouped_mm", "grouped_mm_available": False}) == (
         "per-expert loop (no grouped_mm in torch)")
-    assert bench.moe_path_summary({**fused, "experts_implementation": "eager"}) == "per-expert loop (eager)"
-    assert bench.moe_path_summary(None) is None
+    assert metrics.moe_path_summary({**fused, "experts_implementation": "eager"}) == "per-expert loop (eager)"
+    assert metrics.moe_path_summary(None) is None
 
 
 def test_the_attention_that_ran_is_unsloths_flex_forward_or_the_configs():
     unsloth = {"implementation": "eager", "forward": "unsloth_zoo.temporary_patches.gpt_oss.forward",
                "unsloth_flex_attention": True}
-    assert bench.attention_summary(unsloth) == "flex_attention_with_sink (Unsloth)"
-    assert bench.attention_summary({**unsloth, "forward": "transformers.models.gpt_oss.modeling_gpt_oss."
+    assert metrics.attention_summary(unsloth) == "flex_attention_with_sink (Unsloth)"
+    assert metrics.attention_summary({**unsloth, "forward": "transformers.models.gpt_oss.modeling_gpt_oss."
                                     "GptOssAttention.forward"}) == "eager"
 
 
 def test_both_stacks_get_the_same_allocator_setting_before_torch_is_imported():
-    assert bench.allocator_setting({}, (2, 14)) == {"variable": "PYTORCH_ALLOC_CONF", "value": "expandable_segments:True",
+    assert metrics.allocator_setting({}, (2, 14)) == {"variable": "PYTORCH_ALLOC_CONF", "value": "expandable_segments:True",
                                                     "source": "bench"}
-    assert bench.allocator_setting({}, (2, 9))["variable"] == "PYTORCH_CUDA_ALLOC_CONF"  # torch < 2.10 reads that one
+    assert metrics.allocator_setting({}, (2, 9))["variable"] == "PYTORCH_CUDA_ALLOC_CONF"  # torch < 2.10 reads that one
     environ = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
-    setting = bench.allocator_setting(environ, (2, 14))
+    setting = metrics.allocator_setting(environ, (2, 14))
     assert setting == {"variable": "PYTORCH_ALLOC_CONF", "value": "max_split_size_mb:128", "source": "user"}
-    bench.apply_allocator_setting(setting, environ)
+    metrics.apply_allocator_setting(setting, environ)
     assert environ == {"PYTORCH_ALLOC_CONF": "max_split_size_mb:128"}  # the deprecated name is gone in both stacks
 
 
 def test_bad_case_values_are_named():
     case = Case(stack="hf", seq_len=0, steps=2, warmup_steps=2, dtype="fp8", budget_gib=-1)
-    assert bench.case_problems(case) == [
+    assert matrix.case_problems(case) == [
         "seq_len: got 0; expected a positive integer",
         "warmup_steps: got 2; expected 0 to steps - 1 (some steps must be timed)",
         "dtype: got 'fp8'; expected bfloat16, float16 or float32",
         "budget_gib: got -1; expected a positive number of GiB",
     ]
-    assert bench.case_problems(Case(stack="hf")) == []
+    assert matrix.case_problems(Case(stack="hf")) == []
 
 
 def test_shipped_matrices_load_and_expand():
-    for path in sorted((ROOT / "benchmarks" / "cases").glob("*.yaml")):
-        bench.read_matrix(path)  # every shipped matrix validates
-    cpu = bench.read_matrix(ROOT / "benchmarks/cases/cpu.yaml")
+    # package data: the defaults sit next to the code, so an installed `bench` finds them too
+    assert CASES_DIR == Path(matrix.__file__).resolve().parent / "cases"
+    assert all(path.is_file() and path.parent == CASES_DIR for path in matrix.DEFAULT_MATRIX.values())
+    for path in sorted(CASES_DIR.glob("*.yaml")):
+        matrix.read_matrix(path)  # every shipped matrix validates
+    cpu = matrix.read_matrix(CASES_DIR / "cpu.yaml")
     assert cpu.device == "cpu" and [c.name for c in cpu.cases] == [
         "embedded s256 b1 lowvram_ft", "embedded s256 b1 hf", "embedded s256 b4 lowvram_ft", "embedded s256 b4 hf"]
     assert {c.dtype for c in cpu.cases} == {"float32"} and {c.optimizer for c in cpu.cases} == {"adamw_torch"}
-    budgets = bench.read_matrix(ROOT / "benchmarks/cases/budgets.yaml").budgets
+    budgets = matrix.read_matrix(CASES_DIR / "budgets.yaml").budgets
     assert budgets.gib == (65.0, 48.0, 40.0, 24.0, 16.0, 14.0)  # largest first
 
 
 def test_gpu_check_matrix_compares_both_stacks_then_searches_16_gib_for_ours():
-    matrix = bench.read_matrix(ROOT / "benchmarks/cases/gpu-check.yaml")
-    assert matrix.device == "cuda" and [c.name for c in matrix.cases] == [
+    gpu_check = matrix.read_matrix(CASES_DIR / "gpu-check.yaml")
+    assert gpu_check.device == "cuda" and [c.name for c in gpu_check.cases] == [
         "gpt-oss-20b-random s1024 b1 lowvram_ft", "gpt-oss-20b-random s1024 b1 hf",
         "gpt-oss-20b-random s2048 b1 lowvram_ft", "gpt-oss-20b-random s2048 b1 hf"]
-    for case in matrix.cases:
+    for case in gpu_check.cases:
         assert (case.lora_r, case.lora_alpha, case.steps, case.warmup_steps) == (8, 16, 6, 2)
         assert {"q_proj", "o_proj", "gate_proj", "down_proj"} <= set(case.lora_targets)  # attention + experts
-    search = matrix.budgets
+    search = gpu_check.budgets
     assert (search.gib, search.models, search.stacks) == ((16.0,), ("gpt-oss-20b-random",), ("lowvram_ft",))
     assert search.seq_ladder == (4096, 8192, 16384, 32768) and search.bisect_steps == 0
     assert search.grid_batch == () and search.grid_seq == ()  # the longest sequence only: few probes
@@ -373,19 +377,19 @@ def test_random_gpt_oss_routes_ours_to_the_split_checkpoint_and_hf_to_memory(tmp
     from rich.console import Console
 
     monkeypatch.setenv("LOWVRAM_FT_CACHE", str(tmp_path))
-    ours, hf = bench.read_matrix(ROOT / "benchmarks/cases/gpu-check.yaml").cases[:2]
-    assert (bench.model_route(ours), bench.model_route(hf)) == ("split-bnb4", "in-memory")
-    assert bench.model_route(Case(stack="hf", model="dense-8b-random")) == "bf16"  # QLoRA quantizes on load
-    assert bench.model_route(Case(stack="hf", model="embedded")) == "folder"
-    folder = bench.random_checkpoint_dir(ours.model, "split-bnb4")
+    ours, hf = matrix.read_matrix(CASES_DIR / "gpu-check.yaml").cases[:2]
+    assert (matrix.model_route(ours), matrix.model_route(hf)) == ("split-bnb4", "in-memory")
+    assert matrix.model_route(Case(stack="hf", model="dense-8b-random")) == "bf16"  # QLoRA quantizes on load
+    assert matrix.model_route(Case(stack="hf", model="embedded")) == "folder"
+    folder = models.random_checkpoint_dir(ours.model, "split-bnb4")
     assert folder == tmp_path / "bench-models" / "random-gpt-oss-20b-split-bnb4"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")  # as if built earlier: reused, nothing is built
-    store = bench.ModelStore({"kind": "cuda", "name": "GPU"}, tmp_path, Console(file=io.StringIO()))
+    store = models.ModelStore({"kind": "cuda", "name": "GPU"}, tmp_path, Console(file=io.StringIO()))
     assert store.path_for(ours) == str(folder) and store.path_for(hf) == ""
-    assert store.built == [] and bench.case_config(hf)["num_local_experts"] == 32  # hf's figures need no folder
-    cpu_store = bench.ModelStore({"kind": "cpu", "name": "cpu"}, tmp_path, Console(file=io.StringIO()))
-    with pytest.raises(bench.BenchError, match="built on the GPU"):
+    assert store.built == [] and matrix.case_config(hf)["num_local_experts"] == 32  # hf's figures need no folder
+    cpu_store = models.ModelStore({"kind": "cpu", "name": "cpu"}, tmp_path, Console(file=io.StringIO()))
+    with pytest.raises(matrix.BenchError, match="built on the GPU"):
         cpu_store.path_for(hf)
 
 
@@ -395,15 +399,15 @@ def test_the_hf_stack_builds_gpt_oss_in_memory_with_eager_attention_and_float32_
     process of its own: transformers must not be imported here before unsloth is, in a later test."""
     code = """
 import json, torch
-from lowvram_ft import bench
+from lowvram_ft.bench import baselines, inspection, matrix, models
 from lowvram_ft.embedded import embedded_model_dir
 config = json.loads((embedded_model_dir() / "config.json").read_text())
-model = bench.build_in_memory(config, "bfloat16", "cpu", seed=3407)
+model = models.build_in_memory(config, "bfloat16", "cpu", seed=3407)
 base = {str(p.dtype) for p in model.parameters()}
-model, experts = bench.add_hf_lora(model, bench.Case(stack="hf", lora_r=8, lora_alpha=16))
+model, experts = baselines.add_hf_lora(model, matrix.Case(stack="hf", lora_r=8, lora_alpha=16))
 print(json.dumps({"attention": model.config._attn_implementation, "use_cache": model.config.use_cache, "base": sorted(base),
-                  "adapters": bench.adapter_dtypes(model), "experts": experts,
-                  "moe": bench.moe_path(model, None)["experts_module"]}))
+                  "adapters": inspection.adapter_dtypes(model), "experts": experts,
+                  "moe": inspection.moe_path(model, None)["experts_module"]}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -416,28 +420,29 @@ print(json.dumps({"attention": model.config._attn_implementation, "use_cache": m
 def test_matrix_problems_are_reported_together(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("device: tpu\ncases:\n  - {seq_lenn: 128, stacks: [hf, deepspeed]}\n")
-    with pytest.raises(bench.BenchError) as error:
-        bench.read_matrix(path)
+    with pytest.raises(matrix.BenchError) as error:
+        matrix.read_matrix(path)
     text = str(error.value)
     assert "device: got 'tpu'" in text and "unknown key 'seq_lenn'" in text and "unknown stack(s) ['deepspeed']" in text
 
 
-def test_the_cpu_stand_in_for_trls_fused_head_computes_its_log_probs():
+def test_the_hf_stacks_cpu_loss_is_trls_sft_loss_in_plain_torch():
+    """TRL's fused LM head is a Triton kernel, so on a CPU the hf stack's trainer computes the same loss in
+    plain torch: -sum log p(next label) over labelled positions / num_items_in_batch (else their count)."""
     import torch
 
     torch.manual_seed(0)
-    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8)
-    targets = torch.tensor([0, 3, 10, 2, 2])
-    log_probs, entropy, log_sum_sq, mean_logits, top1 = bench.torch_log_probs(
-        hidden, weight, None, targets, 1.0, 4096, outputs=("log_probs", "entropy", "is_top1"))
-    logits = hidden @ weight.T
-    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    assert torch.allclose(log_probs, expected, atol=1e-6)
-    assert torch.equal(top1, logits.argmax(-1) == targets) and log_sum_sq is None and mean_logits is None
-    probs = logits.softmax(-1)
-    assert torch.allclose(entropy, -(probs * probs.log()).sum(-1), atol=1e-5)
-    log_probs.sum().backward()
-    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 4, -100, 7, 2], [-100, 3, 3, 10, -100]])
+    next_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), next_labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    assert int((next_labels != -100).sum()) == 6
+    loss = baselines.next_token_nll(logits, labels)
+    assert torch.allclose(loss, nll.float() / 6, atol=1e-6)
+    assert torch.allclose(baselines.next_token_nll(logits, labels, num_items_in_batch=12), nll.float() / 12, atol=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
 
 
 def test_importing_bench_loads_no_heavy_library():
@@ -453,10 +458,10 @@ def test_importing_bench_loads_no_heavy_library():
 def test_both_stacks_train_the_embedded_model_on_cpu(tmp_path):
     """Two cases, each in its own process: both finish with throughput, the same trainable parameters and
     data, the hf process never imported unsloth, and the losses agree."""
-    matrix = tmp_path / "pair.yaml"
-    matrix.write_text("device: cpu\ndefaults: {model: embedded, dtype: float32, optimizer: adamw_torch, "
+    cases = tmp_path / "pair.yaml"
+    cases.write_text("device: cpu\ndefaults: {model: embedded, dtype: float32, optimizer: adamw_torch, "
                       "steps: 4, warmup_steps: 1, timeout_s: 120}\ncases:\n  - {seq_len: 128, batch_size: 1}\n")
-    path = bench.run_bench(matrix, out_dir=tmp_path / "results", log_root=tmp_path / "logs")
+    path = supervisor.run_bench(cases, out_dir=tmp_path / "results", log_root=tmp_path / "logs")
     assert path.name == f"{date.today().isoformat()}-cpu-pair.jsonl"
     assert path.with_suffix(".md").is_file() and path.with_suffix(".png").stat().st_size > 0
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -471,7 +476,7 @@ def test_both_stacks_train_the_embedded_model_on_cpu(tmp_path):
     assert ours["trainable_parameters"]["trainable"] == hf["trainable_parameters"]["trainable"] > 0
     assert ours["trainable_parameters"]["experts"] > 0  # the experts train in both stacks
     assert ours["data_digest"] == hf["data_digest"]
-    assert bench.loss_max_abs_diff(ours["losses"], hf["losses"]) <= CPU_LOSS_TOLERANCE
+    assert metrics.loss_max_abs_diff(ours["losses"], hf["losses"]) <= CPU_LOSS_TOLERANCE
     for r in lines:
         # memory.py's FIELDS for both phases, reset after loading; GPU-only fields are None on the CPU
         assert set(r["memory"]) == {"load", "train"}
@@ -497,11 +502,11 @@ def test_gpu_case_reports_device_memory_and_an_emulated_budget_ooms(tmp_path, mo
             monkeypatch.setenv(name, GPU_ENV[name])
         else:
             monkeypatch.delenv(name, raising=False)
-    matrix = tmp_path / "gpu.yaml"
-    matrix.write_text("device: cuda\ndefaults: {model: embedded, dtype: bfloat16, optimizer: adamw_8bit, "
+    cases = tmp_path / "gpu.yaml"
+    cases.write_text("device: cuda\ndefaults: {model: embedded, dtype: bfloat16, optimizer: adamw_8bit, "
                       "steps: 4, warmup_steps: 1, timeout_s: 300}\ncases:\n  - {seq_len: 256}\n"
                       "  - {seq_len: 256, budget_gib: 0.01, stacks: [hf]}\n")
-    path = bench.run_bench(matrix, out_dir=tmp_path / "results", log_root=tmp_path / "logs")
+    path = supervisor.run_bench(cases, out_dir=tmp_path / "results", log_root=tmp_path / "logs")
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     fits = [r for r in lines if r["case"]["budget_gib"] is None]
     assert {r["stack"] for r in fits} == {"lowvram_ft", "hf"}
@@ -527,22 +532,22 @@ def test_gpu_case_reports_device_memory_and_an_emulated_budget_ooms(tmp_path, mo
 def test_a_matrix_whose_top_level_is_not_a_mapping_says_what_it_must_be(tmp_path, text, shown):
     path = tmp_path / "cases.yaml"
     path.write_text(text)
-    with pytest.raises(bench.BenchError) as error:
-        bench.read_matrix(path)
+    with pytest.raises(matrix.BenchError) as error:
+        matrix.read_matrix(path)
     assert str(error.value) == (f"{path}: the top level is {shown}; it must be a mapping with the keys device, "
-                                "defaults, cases, budgets — see benchmarks/cases/cpu.yaml")
+                                f"defaults, cases, budgets — see {CASES_DIR / 'cpu.yaml'}")
 
 
 def test_matrix_sections_of_the_wrong_type_are_named(tmp_path):
     path = tmp_path / "cases.yaml"
     path.write_text("defaults: [1]\ncases: [seq_len]\n")
-    with pytest.raises(bench.BenchError) as error:
-        bench.read_matrix(path)
+    with pytest.raises(matrix.BenchError) as error:
+        matrix.read_matrix(path)
     assert str(error.value).splitlines() == [f"{path}: defaults: must be a mapping", f"{path}: cases[1]: must be a mapping",
                                              f"{path}: no cases and no budgets — nothing to run"]
     path.write_text("cases: 5\n")
-    with pytest.raises(bench.BenchError, match=r"cases: must be a list of mappings"):
-        bench.read_matrix(path)
+    with pytest.raises(matrix.BenchError, match=r"cases: must be a list of mappings"):
+        matrix.read_matrix(path)
     path.write_text("cases: [\n")
-    with pytest.raises(bench.BenchError, match=rf"^{re.escape(str(path))}:\d+: invalid YAML \("):
-        bench.read_matrix(path)
+    with pytest.raises(matrix.BenchError, match=rf"^{re.escape(str(path))}:\d+: invalid YAML \("):
+        matrix.read_matrix(path)
