@@ -208,7 +208,8 @@ def load_chat_model(cfg, adapter: str | None):
     from contextlib import redirect_stdout
 
     from .evaluate import attach_adapter
-    from .model import detect_device, import_unsloth, load_model
+    from .device import detect_device
+    from .model import import_unsloth, load_model
 
     with redirect_stdout(sys.stderr):
         unsloth = import_unsloth()

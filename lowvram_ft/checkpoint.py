@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EXIT_OUT_OF_MEMORY, UserError
-from .io import write_jsonl
+from .io import GIB, write_jsonl
 from .config import Config, ConfigError, diff, load_config, to_dict
 
 CHECKPOINTS = "checkpoints"  # the run folder's subfolder holding checkpoint-N folders
@@ -489,8 +489,8 @@ def check_free_space(path: Path, expected_bytes: int, what: str) -> None:
     need = int(expected_bytes * SAVE_MARGIN) + SAVE_SLACK_BYTES
     free = free_bytes(path)
     if free < need:
-        raise DiskSpaceError(f"{path}: not enough free disk space for {what}: needs about {need / 2**30:.2f} GiB, "
-                             f"{free / 2**30:.2f} GiB free — free some space, or choose another --output")
+        raise DiskSpaceError(f"{path}: not enough free disk space for {what}: needs about {need / GIB:.2f} GiB, "
+                             f"{free / GIB:.2f} GiB free — free some space, or choose another --output")
 
 
 def check_run_space(run: RunState, model, optimizer: str) -> None:
@@ -546,12 +546,13 @@ def memory_figures(device) -> tuple[float | None, float | None, str]:
     """(peak GiB, capacity GiB, what is measured) of the device: GPU reserved memory, else host RSS/RAM."""
     if device is None:
         return None, None, ""
-    from .train import peak_memory_gib
+    from .memory import headline_gib, peak_figures
 
-    if device.kind == "cuda":
-        return peak_memory_gib(device), device.total_gib, "reserved VRAM"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return peak_memory_gib(device), ram, "RSS (host RAM)"
+    gpu = device.kind == "cuda"
+    peak = headline_gib(peak_figures(gpu), gpu)
+    if gpu:
+        return peak, device.total_gib, "reserved VRAM"
+    return peak, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, "RSS (host RAM)"
 
 
 def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tuple[str, ...] | None]:

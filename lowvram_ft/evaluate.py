@@ -290,7 +290,8 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
     import dataclasses
 
     from .data import load_data
-    from .model import detect_device, import_unsloth, load_model
+    from .device import detect_device
+    from .model import import_unsloth, load_model
 
     if smoke:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(

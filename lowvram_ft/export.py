@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .io import GIB
 from . import embedded, folders
 from .config import EMBEDDED_MODELS
 
@@ -263,8 +264,8 @@ def resource_problems(fmt: str, needs: Needs, free: Needs, where: Path) -> list[
         ("VRAM", needs.vram, free.vram, "free the GPU (other processes hold it) or use a larger GPU"),
     ):
         if need and have is not None and need > have:
-            problems.append(f"--format {fmt} needs about {need / 2**30:.2f} GiB free {kind}, "
-                            f"{have / 2**30:.2f} GiB free — {fix}")
+            problems.append(f"--format {fmt} needs about {need / GIB:.2f} GiB free {kind}, "
+                            f"{have / GIB:.2f} GiB free — {fix}")
     return problems
 
 
@@ -286,9 +287,9 @@ def check_resources(fmt: str, cfg, device, adapter: Path, out: Path, console) ->
     where = existing_parent(out)
     free = Needs(disk=shutil.disk_usage(where).free, ram=psutil.virtual_memory().available,
                  vram=free_vram() if device.kind == "cuda" else None)
-    log(console, "check", f"{parameters:,} parameters: needs about {needs.disk / 2**30:.2f} GiB disk "
-        f"({free.disk / 2**30:.1f} free), {needs.ram / 2**30:.2f} GiB RAM ({free.ram / 2**30:.1f} free)"
-        + (f", {needs.vram / 2**30:.2f} GiB VRAM ({free.vram / 2**30:.1f} free)" if free.vram is not None else ""))
+    log(console, "check", f"{parameters:,} parameters: needs about {needs.disk / GIB:.2f} GiB disk "
+        f"({free.disk / GIB:.1f} free), {needs.ram / GIB:.2f} GiB RAM ({free.ram / GIB:.1f} free)"
+        + (f", {needs.vram / GIB:.2f} GiB VRAM ({free.vram / GIB:.1f} free)" if free.vram is not None else ""))
     problems = resource_problems(fmt, needs, free, where)
     if problems:
         raise ExportError("; ".join(problems))
@@ -496,7 +497,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def folder_gib(folder: Path) -> float:
-    return folder_bytes(folder) / 2**30
+    return folder_bytes(folder) / GIB
 
 
 def existing_parent(path: Path) -> Path:

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Iterator
 
 from . import folders
 from .gptoss_tokenizer import load_gptoss_tokenizer
+from .io import GIB
 
 if TYPE_CHECKING:
     import torch
 
-GIB = 2**30
 # unsloth_zoo 2026.10.9 `peft_utils.SKIP_QUANTIZATION_MODULES`, the list Unsloth quantizes with (and so
 # the one its bnb-4bit uploads carry). A snapshot, not an import: unsloth_zoo cannot be imported without
 # importing (and patching with) unsloth first, and a checkpoint built today must not change when a later

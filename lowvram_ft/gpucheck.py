@@ -38,8 +38,9 @@ from typing import Callable
 from .bench.matrix import CASES_DIR
 from .bench.metrics import train_memory
 from .bench.models import random_checkpoint_dir
+from .device import describe_gpu
 from .folders import make_dirs
-from .io import write_atomic
+from .io import GIB, write_atomic
 
 # In order of value: the headline claim and its smoke test first, then the comparison (bench, about 9
 # minutes for the whole gpu-check.yaml on one H100: whatever the budget leaves of it is kept, case by
@@ -165,7 +166,7 @@ def build_step(check: Check, python: str) -> Step:
     command = [python, "-m", "lowvram_ft.bench", "--build", BUILT_MODEL, "--layout", "split-bnb4",
                "--model-dir", str(check.model_dir)]  # exactly the checkpoint bench builds and reuses
     return Step("build", command, read=lambda: {"model_dir": str(check.model_dir),
-                                                "gib_on_disk": round(folder_bytes(check.model_dir) / 2**30, 2)})
+                                                "gib_on_disk": round(folder_bytes(check.model_dir) / GIB, 2)})
 
 
 def headline_step(check: Check, python: str) -> Step:
@@ -342,17 +343,9 @@ def describe(out: Path) -> None:
             info[name] = version(name)
         except PackageNotFoundError:
             info[name] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, total_gib=round(props.total_memory / 2**30, 2),
-                    compute_capability=f"{props.major}.{props.minor}", grouped_mm=hasattr(torch, "_grouped_mm"))
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:  # noqa: BLE001
-            info["driver"] = None
+    gpu = describe_gpu()
+    if gpu["kind"] == "cuda":
+        info.update(gpu=gpu["name"], **{k: gpu[k] for k in ("total_gib", "compute_capability", "grouped_mm", "driver")})
     write_atomic(out, json.dumps(info, indent=2) + "\n")
 
 

@@ -16,7 +16,8 @@ import threading
 import time
 from typing import Callable
 
-GIB = 2**30
+from .io import GIB
+
 MONITOR_INTERVAL_S = 0.01
 FIELDS = ("peak_allocated_gib", "peak_reserved_gib", "device_peak_gib", "peak_rss_gib")
 

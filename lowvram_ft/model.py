@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from .device import Device
 from .errors import UserError, is_out_of_memory
 from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
 
@@ -19,16 +19,6 @@ MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": 
 
 class ModelError(UserError, RuntimeError):
     """A model that cannot be found, reached or loaded; the message is one line that says what to do."""
-
-
-@dataclass(frozen=True)
-class Device:
-    kind: str  # "cuda" or "cpu"
-    name: str
-    total_gib: float | None  # GPU memory; None on CPU
-    bf16: bool
-    reason: str  # why this device and dtype, for the log
-    compute_capability: float | None = None  # e.g. 7.5 (T4), 9.0 (H100); None on CPU
 
 
 # Library output a user cannot act on, silenced unless --verbose (LOWVRAM_FT_VERBOSE=1): torch's
@@ -79,72 +69,6 @@ def quiet_progress_bars() -> None:
         return factory(*args, **kwargs)
 
     hf_logging.set_tqdm_hook(hook)
-
-
-def detect_device() -> Device:
-    """Where training runs and in which dtype — decided once, with the reason."""
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        bf16 = torch.cuda.is_bf16_supported()
-        why = "GPU supports bf16" if bf16 else "GPU has no bf16 (pre-Ampere): float16"
-        total = props.total_memory / 2**30
-        cap = os.environ.get("LOWVRAM_FT_VRAM_GIB")
-        if cap:  # emulate a smaller card on a bigger one (benchmarks, tests, "will it fit on 16 GB?")
-            total = min(total, emulated_card_gib(cap))
-            free, card = torch.cuda.mem_get_info(0)  # creates the CUDA context, which a real card holds too
-            context = max(card - free - torch.cuda.memory_reserved(0), 0)
-            torch.cuda.set_per_process_memory_fraction(emulated_card_fraction(total, card, context), 0)
-            why += (f"; memory capped at {total:.1f} GiB by LOWVRAM_FT_VRAM_GIB (emulated card, its "
-                    f"{context / 2**30:.2f} GiB CUDA context included)")
-        capability = float(f"{props.major}.{props.minor}")
-        return Device("cuda", props.name, total, bf16, f"cuda:0 {props.name} (compute capability {capability}); {why}",
-                      capability)
-    from unsloth_zoo.cpu import cpu_bf16_supported
-
-    bf16 = bool(cpu_bf16_supported())
-    bound_onednn_caches()
-    why = "CPU has native bf16" if bf16 else "CPU has no native bf16: float32"
-    return Device("cpu", "cpu", None, bf16, f"no CUDA GPU found: CPU ({torch.get_num_threads()} threads); {why}")
-
-
-# On the CPU, bf16 matmuls run through oneDNN, which keeps each matmul it has compiled (JIT code,
-# ~0.5 MiB) in two LRU caches of 1024 entries: oneDNN's own and ideep's in torch. Each batch brings
-# new shapes (padded length, tokens routed to each expert): ~60 new matmuls a step fill both caches.
-# Issue 11 (demo, 2-core AMD EPYC with avx512_bf16, OMP_NUM_THREADS=2, bf16): peak RSS 1.1 -> 3.2 GiB
-# over 250 steps; with 64 entries each, 1.28 GiB (float32: 1.33), loss identical, ~8 more compiles a
-# step (~0.3 ms each). MALLOC_ARENA_MAX=2 changed nothing (3.20); LRU_CACHE_CAPACITY=0 segfaults.
-# Both variables are read once, at the first oneDNN matmul, which comes after this (importing unsloth
-# and detecting the device create none), so setting os.environ here works. A value the user set wins.
-ONEDNN_CACHE_ENTRIES = "64"
-
-
-def bound_onednn_caches() -> None:
-    """Cap oneDNN's and ideep's primitive caches (ONEDNN_CACHE_ENTRIES) before the first CPU matmul."""
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, ONEDNN_CACHE_ENTRIES)
-
-
-def emulated_card_gib(text: str) -> float:
-    """LOWVRAM_FT_VRAM_GIB as a number of GiB, or ModelError."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise ModelError(f"LOWVRAM_FT_VRAM_GIB={text!r}: expected the emulated card's memory in GiB, e.g. 16")
-    return value
-
-
-def emulated_card_fraction(card_gib: float, total_bytes: int, context_bytes: int = 0) -> float:
-    """torch.cuda.set_per_process_memory_fraction value that emulates a card of `card_gib` on a bigger
-    one: the CUDA context (outside torch's allocator) lives on a real card too, so it comes off the card.
-    Note: Unsloth sizes its loss chunks from torch.cuda.mem_get_info, which a fraction does not change."""
-    if not card_gib > 0 or total_bytes <= 0:
-        raise ModelError(f"emulated card of {card_gib} GiB on a device of {total_bytes} bytes: both must be positive")
-    usable = card_gib * 2**30 - context_bytes
-    return min(max(usable / total_bytes, 0.0), 1.0)
 
 
 def input_device(model):

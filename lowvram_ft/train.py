@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .config import Config
 from .memory import headline_gib, peak_figures
-from .model import Device
+from .device import Device
 from .plan import NO_PACKING_MODEL_TYPES
 
 # output.report_to -> the packages its Trainer callback imports (any one of them will do).
@@ -164,17 +164,6 @@ def tracker_environment(report_to: list[str], run_dir: Path, env) -> dict[str, s
 
 def point_trackers_at(run_dir: Path, report_to: list[str]) -> None:
     os.environ.update(tracker_environment(report_to, run_dir, os.environ))
-
-
-def peak_memory_gib(device: Device) -> float:
-    """GPU: peak reserved by torch's allocator; CPU: the process's peak resident set size."""
-    if device.kind == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_reserved() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def make_progress_callback(run_dir: Path, device: Device, console, history: list[dict] = (), monitor=None):

@@ -78,9 +78,9 @@ def test_mfu_against_the_peak_of_the_named_gpu():
 
 
 def test_budgets_are_emulated_like_the_trainers_card_and_take_the_cuda_context_off():
-    from lowvram_ft import model
+    from lowvram_ft import device
 
-    assert worker.emulated_card_fraction is model.emulated_card_fraction  # one computation, not two
+    assert worker.emulated_card_fraction is device.emulated_card_fraction  # one computation, not two
     total = 80 * GIB
     assert worker.emulated_card_fraction(16, total) == 0.2
     assert worker.emulated_card_fraction(16, total, context_bytes=GIB // 2) == 15.5 / 80

@@ -86,7 +86,8 @@ def logits(request, tmp_path_factory):
     ours = f"""
         import sys, torch
         from pathlib import Path
-        from lowvram_ft.model import import_unsloth, detect_device, load_model
+        from lowvram_ft.device import detect_device
+        from lowvram_ft.model import import_unsloth, load_model
         from lowvram_ft.evaluate import run_config, attach_adapter
         import_unsloth()
         cfg = run_config(Path({str(run)!r}), [])

@@ -13,7 +13,8 @@ import pytest
 from lowvram_ft import plan
 from lowvram_ft.config import GPT_OSS_RECIPE, load_config
 from lowvram_ft.io import GIB
-from lowvram_ft.model import ModelError, emulated_card_fraction, emulated_card_gib
+from lowvram_ft.device import DeviceError, emulated_card_fraction, emulated_card_gib
+
 from lowvram_ft.plan import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,11 +175,11 @@ def test_the_emulated_card_takes_the_cuda_context_off_like_a_real_card():
     assert emulated_card_fraction(16, 80 * GIB, 0) == pytest.approx(0.2)
     assert emulated_card_fraction(16, 80 * GIB, GIB // 2) == pytest.approx(15.5 / 80)
     assert emulated_card_fraction(100, 80 * GIB) == 1.0
-    with pytest.raises(ModelError):
+    with pytest.raises(DeviceError):
         emulated_card_fraction(0, 80 * GIB)
     assert emulated_card_gib("16") == 16.0
     for bad in ("abc", "0", "-5", "nan", "inf"):
-        with pytest.raises(ModelError, match="LOWVRAM_FT_VRAM_GIB"):
+        with pytest.raises(DeviceError, match="LOWVRAM_FT_VRAM_GIB"):
             emulated_card_gib(bad)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lowvram_ft.config import load_config
-from lowvram_ft.model import Device
+from lowvram_ft.device import Device
 from lowvram_ft.train import (TrackingError, check_trackers, missing_trackers, sft_config_kwargs,
                               tracker_environment)
 

@@ -28,7 +28,7 @@ Layers, each importing only those above it: matrix -> metrics -> report, process
 inspection -> models -> baselines -> worker, supervisor -> cli. None imports torch at module level.
 """
 from ..io import GIB
-from ..model import emulated_card_fraction
+from ..device import emulated_card_fraction
 from .baselines import add_hf_lora, load_hf, next_token_nll
 from .cli import add_bench_arguments, main
 from .dataset import benchmark_dataset, fixed_length_rows

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..config import Config
 from ..gptoss_tokenizer import load_gptoss_tokenizer
-from ..model import Device, expert_target_parameters
+from ..device import Device
+from ..model import expert_target_parameters
 from ..train import sft_config_kwargs
 from .matrix import Case, model_config, model_route, random_model_config
 from .models import build_in_memory

@@ -10,7 +10,8 @@ from pathlib import Path
 from .matrix import CASES_DIR, RANDOM_MODELS, BenchError
 from .models import build_random_checkpoint
 from .supervisor import DEFAULT_OUT_DIR, run_bench
-from .worker import case_main, describe_device
+from ..device import describe_gpu
+from .worker import case_main
 
 
 def add_bench_arguments(parser) -> None:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
-        print(json.dumps(describe_device()))
+        print(json.dumps(describe_gpu()))
     elif args.build:
         build_random_checkpoint(args.build, args.layout or RANDOM_MODELS[args.build]["checkpoint"], args.model_dir)
     elif args.case:

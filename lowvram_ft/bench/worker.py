@@ -22,7 +22,8 @@ from typing import Any, Callable
 from ..gptoss_checkpoint import describe_loaded
 from ..io import GIB, write_atomic
 from ..memory import FIELDS, MemoryMonitor, peak_figures, reset_peaks, rss_reader
-from ..model import (add_lora, detect_device, emulated_card_fraction, import_unsloth, load_bits, load_model,
+from ..device import detect_device, emulated_card_fraction
+from ..model import (add_lora, import_unsloth, load_bits, load_model,
                      trainable_parameters)
 from ..train import build_trainer
 from .baselines import hf_trainer, load_hf
@@ -38,28 +39,6 @@ def case_main(case_file: Path, result_file: Path) -> int:
     record = measure_case(case, result_file.with_suffix(".heartbeat.json"))
     write_atomic(result_file, json.dumps(record, default=str))
     return 0
-
-
-def describe_device() -> dict:
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return {"kind": "cuda", "name": props.name, "total_gib": round(props.total_memory / GIB, 2),
-                "cuda": torch.version.cuda, "driver": nvml_driver_version()}
-    return {"kind": "cpu", "name": "cpu", "total_gib": None, "cuda": None, "driver": None,
-            "threads": torch.get_num_threads()}
-
-
-def nvml_driver_version() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        value = pynvml.nvmlSystemGetDriverVersion()
-        return value.decode() if isinstance(value, bytes) else value
-    except Exception:  # noqa: BLE001 — informational
-        return None
 
 
 class Heartbeat:
