@@ -17,6 +17,7 @@ from .errors import UserError
 from .io import GIB
 from . import embedded, folders
 from .config import EMBEDDED_MODELS
+from .terminal import log
 
 FORMATS = ("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf")
 # Our format name -> Unsloth's save_method. "merged_4bit" alone is refused by Unsloth as a guard against
@@ -56,8 +57,6 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
 
     from . import model as models
     from .evaluate import run_config
-    from .pipeline import log
-
     console = console or Console(highlight=False, soft_wrap=True, stderr=True)
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, [])
@@ -272,8 +271,6 @@ def resource_problems(fmt: str, needs: Needs, free: Needs, where: Path) -> list[
 def check_resources(fmt: str, cfg, device, adapter: Path, out: Path, console) -> None:
     """Estimate what the export needs and compare it with what is free, before loading anything."""
     import psutil
-
-    from .pipeline import log
 
     parameters = base_parameters(cfg.model.name, adapter)
     if parameters is None:

@@ -19,6 +19,7 @@ from .config import EMBEDDED_MODELS, Config, to_yaml
 from .io import write_atomic as write_text_atomic, write_json as write_json_atomic
 from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from .model import input_device
+from .terminal import log
 
 
 class RunDirError(UserError, RuntimeError):
@@ -353,11 +354,6 @@ def describe_source(source: str) -> str:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def log(console, step: str, message: str) -> None:
-    """One greppable line per step: `[lowvram_ft] step: message`."""
-    console.print(f"[lowvram_ft] {step}: {message}", highlight=False, markup=False)
 
 
 def format_counts(c: dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_atomic, write_jsonl
+from .. import terminal
 from ..report import print_table
 from .matrix import STACKS, Case
 from .metrics import attention_summary, fastest, loss_max_abs_diff, parameters_text, train_memory
@@ -299,4 +300,5 @@ def one_line(record: dict, device: dict) -> str:
 
 
 def log(console, message: str) -> None:
-    console.print(f"[lowvram_ft] bench: {message}", highlight=False, markup=False)
+    """The bench's step lines: `[lowvram_ft] bench: message`."""
+    terminal.log(console, "bench", message)

@@ -14,6 +14,7 @@ from .mixing import load_data
 from .problems import MAX_LISTED, DataError, location_key
 from .rows import Example
 from .sources import check_data
+from ..terminal import say
 from .tokenizing import tokenize_data
 
 
@@ -68,13 +69,6 @@ def print_check(cfg: Config, console) -> int:
         return 2
     say(console, f"ok: every row of {', '.join(cfg.data.dataset)} is valid")
     return 0
-
-
-def say(console, line: str) -> None:
-    """One plain line: no markup (messages hold [brackets]), no hard wrap (lines stay greppable). A lone
-    surrogate quoted from the data is printed as its escape: the terminal could not encode it."""
-    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def describe_stats(rows: dict, tokens: dict) -> list[str]:

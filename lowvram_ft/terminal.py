@@ -1,0 +1,16 @@
+"""What the user reads in the terminal: one plain, greppable line at a time. Messages hold [brackets]
+and paths, so rich's markup and highlighting are off; lines are soft-wrapped, never broken, so a line
+stays one line in a log file."""
+from __future__ import annotations
+
+
+def say(console, line: str) -> None:
+    """One plain line. A lone surrogate quoted from user data is printed as its escape (the terminal
+    could not encode it)."""
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def log(console, step: str, message: str) -> None:
+    """One greppable line per step: `[lowvram_ft] step: message`."""
+    say(console, f"[lowvram_ft] {step}: {message}")
