@@ -11,6 +11,10 @@ import sys
 
 from .config import ConfigError, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
+from . import chat, data, evaluate, export, pipeline, plan, report, scoring
+from . import bench
+from .bench.cli import add_bench_arguments
+from .checkpoint import resume_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +226,6 @@ def run_train(args) -> int:
             print(f"{key:34} {default:28} {text}")
         return 0
     cfg = resolve_resume(args) if args.resume else resolve(args)
-    from . import pipeline
 
     if args.dry_run:
         pipeline.dry_run(cfg)
@@ -236,8 +239,6 @@ def resolve_resume(args):
     not alter the run (checkpoint.resume_config)."""
     from pathlib import Path
 
-    from .checkpoint import resume_config
-
     if not args.output:
         raise ConfigError(["--resume: name the run to continue with --output RUN"])
     if args.overwrite:
@@ -250,14 +251,11 @@ def resolve_resume(args):
 
 def run_data(args) -> int:
     cfg = resolve(args)
-    from . import data
 
     return data.inspect(cfg, show=args.show, export=args.export, check=args.check)
 
 
 def run_score(args) -> int:
-    from . import report, scoring
-
     output = args.output or str(args.input).removesuffix(".jsonl") + ".scored.jsonl"
     rows = scoring.score_file(args.input, output, answer_in=args.answer_in)
     report.print_language_table(rows, title=f"reasoning language — {args.input}")
@@ -267,8 +265,6 @@ def run_score(args) -> int:
 
 def run_eval(args) -> int:
     from pathlib import Path
-
-    from . import evaluate
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -292,31 +288,19 @@ def run_eval(args) -> int:
     return 0
 
 
-def add_bench_arguments(parser) -> None:
-    """The bench owns its flags; bench.cli imports nothing heavy at module level."""
-    from .bench.cli import add_bench_arguments as add_arguments
-
-    add_arguments(parser)
-
-
 def run_bench(args) -> int:
-    from .bench.supervisor import run_bench as run_suite
-
-    run_suite(args.config, out_dir=args.out, only=args.cases, budgets=args.budgets)
+    bench.run_bench(args.config, out_dir=args.out, only=args.cases, budgets=args.budgets)
     return 0
 
 
 def run_plan(args) -> int:
     cfg = resolve(args)
-    from . import plan
 
     return plan.run(cfg, vram_gib=args.vram, compute_capability=args.compute_capability)
 
 
 def run_export(args) -> int:
     from pathlib import Path
-
-    from . import export
 
     export.export(Path(args.run_dir), args.format, out=Path(args.out) if args.out else None, push=args.push,
                   public=args.public, overwrite=args.overwrite, gguf_quant=args.gguf_quant)
@@ -327,15 +311,11 @@ def chat_setup(args):
     """(config, adapter, session, sampling) for chat / generate from --run or --model/--adapter."""
     from pathlib import Path
 
-    from . import chat
-
     if args.run_dir and args.model:
         raise ConfigError(["--run and --model: choose one (a run brings its own model and adapter)"])
     flags = [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []
     if args.run_dir:
-        from .evaluate import run_config
-
-        cfg = run_config(Path(args.run_dir), flags)
+        cfg = evaluate.run_config(Path(args.run_dir), flags)
         adapter = args.adapter or str(Path(args.run_dir) / "adapter")
     else:
         cfg = load_config(None, flags + ([f"model.name={quote(args.model)}"] if args.model else []))
@@ -351,15 +331,11 @@ def chat_setup(args):
 
 
 def run_chat(args) -> int:
-    from . import chat
-
     cfg, adapter, session, sampling = chat_setup(args)
     return chat.run_chat(cfg, adapter, session, sampling, show_prompt=args.show_prompt)
 
 
 def run_generate(args) -> int:
-    from . import chat
-
     if not args.prompt.strip():
         raise ConfigError(["--prompt is empty — pass the user message, e.g. --prompt 'What is 2+2?'"])
     cfg, adapter, session, sampling = chat_setup(args)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .errors import require
 from .io import write_atomic
+from lowvram_ft.harmony import chat_template
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
@@ -52,8 +53,6 @@ def load_gptoss_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedToke
     template is lowvram_ft's Harmony template (fixed date), not the model's own. Built on first use
     (seconds) under `cache_dir` (default ~/.cache/lowvram_ft/gptoss-tokenizer) and loaded from there after.
     """
-    from lowvram_ft.harmony import chat_template
-
     import transformers
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     saved = root / f"{CACHE_FORMAT}-{O200K_BASE_SHA256[:12]}"

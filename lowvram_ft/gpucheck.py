@@ -41,6 +41,8 @@ from .bench.models import random_checkpoint_dir
 from .device import describe_gpu
 from .folders import make_dirs
 from .io import GIB, write_atomic
+from .config import load_config
+from .plan import decide_fit
 
 # In order of value: the headline claim and its smoke test first, then the comparison (bench, about 9
 # minutes for the whole gpu-check.yaml on one H100: whatever the budget leaves of it is kept, case by
@@ -207,9 +209,6 @@ def pytest_step(check: Check, python: str) -> Step:
 
 def headline_figures(check: Check) -> dict:
     """Measured (summary.json, metrics.jsonl) beside the planner's prediction for the same config."""
-    from .config import load_config
-    from .plan import decide_fit
-
     summary = json.loads((check.run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (check.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steady = [r["tokens_per_s"] for r in records[2:] if r.get("tokens_per_s")] or [0.0]
