@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .device import detect_device
 from .io import GIB
 from . import embedded, folders
 from .config import EMBEDDED_MODELS
@@ -65,7 +66,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     token = check_request(fmt, out, overwrite, push)  # nothing heavy imported yet
 
     models.import_unsloth()
-    device = models.detect_device()
+    device = detect_device()
     log(console, "device", device.reason)
     problem = format_problem(fmt, device.kind)
     if problem:

@@ -17,6 +17,7 @@ from .errors import UserError
 from . import folders
 from .config import EMBEDDED_MODELS, Config, to_yaml
 from .io import write_atomic as write_text_atomic, write_json as write_json_atomic
+from .device import detect_device
 from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from .model import input_device
 from .terminal import log
@@ -83,7 +84,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     data = load_data(cfg)  # before the model: bad data fails in seconds, not after a long load
 
     models.import_unsloth()
-    device = models.detect_device()
+    device = detect_device()
     gpu = device.kind == "cuda"
     monitor = MemoryMonitor(gpu).start()  # NVML and RSS peaks, next to torch's (memory.py)
     run.device = device

@@ -14,7 +14,7 @@ def run_process(command: list[str], log_file: Path, timeout_s: float) -> int | N
     package_root = str(Path(__file__).resolve().parents[2])  # the folder holding lowvram_ft/
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    # Budgets are the cases' budget_gib, applied to both stacks alike; model.detect_device's own card
+    # Budgets are the cases' budget_gib, applied to both stacks alike; device.detect_device's own card
     # emulation would cap the lowvram_ft stack alone.
     env.pop("LOWVRAM_FT_VRAM_GIB", None)
     with log_file.open("w", encoding="utf-8") as out:
