@@ -29,7 +29,8 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# The unit tier: no model is trained or loaded (seconds); `make test` runs it and the end-to-end tier.
+# The unit tier (tests/unit/): no model is trained or loaded (seconds); `make test` runs it, the end-to-end
+# tier (tests/e2e/, marker `slow`) and the GPU tier (tests/gpu/, marker `gpu`: skipped without CUDA).
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 

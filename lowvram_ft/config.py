@@ -484,7 +484,7 @@ def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # `train --model unsloth/gpt-oss-20b` with no --config: the settings of configs/gpt-oss-20b.yaml that
 # decide memory, so that the headline command fits a 16 GB card as the planner estimates it
-# (tests/test_fit.py). The user's flags and overrides still win; a --config replaces the recipe.
+# (tests/unit/test_fit.py). The user's flags and overrides still win; a --config replaces the recipe.
 GPT_OSS_RECIPE = ("model.max_seq_length=1024", "model.gradient_checkpointing=unsloth", "model.offload_embedding=true",
                   "lora.r=8", "lora.alpha=16", "train.batch_size=1", "train.gradient_accumulation_steps=4")
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # unsloth_zoo 2026.10.9 `peft_utils.SKIP_QUANTIZATION_MODULES`, the list Unsloth quantizes with (and so
 # the one its bnb-4bit uploads carry). A snapshot, not an import: unsloth_zoo cannot be imported without
 # importing (and patching with) unsloth first, and a checkpoint built today must not change when a later
-# zoo adds a name. tests/test_gptoss_checkpoint.py checks it against the installed zoo.
+# zoo adds a name. tests/e2e/test_gptoss_checkpoint.py checks it against the installed zoo.
 UNSLOTH_SKIP_QUANTIZATION_MODULES = (
     "lm_head", "multi_modal_projector", "merger", "modality_projection", "mm_projector", "router",
     "mlp.gate", "block_sparse_moe.gate", "moe.gate", "mamba", "audio_tower", "vision_tower", "visual",

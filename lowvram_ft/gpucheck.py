@@ -15,11 +15,11 @@ slow or failing step cannot lose the others. A step whose prerequisite failed is
   bench        ours vs hf at seq 1024 and 2048, batch 1, steady-state steps, and the longest sequence at
                batch 1 within 16 GiB (lowvram_ft/bench/cases/gpu-check.yaml)
   smoke        the reasoning-language smoke test of the headline run on the emulated card
-  pytest       `pytest -m gpu` (tests/test_gpu.py, reusing the built checkpoint)
+  pytest       `pytest -m gpu` (tests/gpu/test_gpu.py, reusing the built checkpoint)
 
-The plumbing of every step is tested on the CPU with the embedded model (tests/test_gpucheck.py):
-`--model embedded` skips the build and trains the tiny model instead. Light at import: no torch here;
-the steps' processes import what they need.
+The plumbing of every step is tested on the CPU (tests/unit/test_gpucheck.py), and the steps end to end
+with the embedded model (tests/e2e/test_gpucheck.py): `--model embedded` skips the build and trains the
+tiny model instead. Light at import: no torch here; the steps' processes import what they need.
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def smoke_step(check: Check, python: str) -> Step:
 
 def pytest_step(check: Check, python: str) -> Step:
     report = check.work / "pytest.txt"
-    command = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    command = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/gpu/test_gpu.py"]
     return Step("pytest", ["sh", "-c", " ".join(command) + f" | tee {report}"],
                 env={"LOWVRAM_FT_GPU_MODEL": str(check.model_dir)}, read=lambda: pytest_figures(report))
 

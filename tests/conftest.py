@@ -1,10 +1,15 @@
 """Shared test setup: no Hub access; every test but the `gpu` ones runs on the CPU, also on a machine
-with a GPU; GPU tests skip themselves without CUDA."""
+with a GPU; GPU tests skip themselves without CUDA. The tiers are folders: unit/ (no model is loaded),
+e2e/ (`slow`: end-to-end on the embedded model), gpu/ (`gpu`); helpers.py holds what two tiers share."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+DATA = ROOT / "tests" / "data"  # the tests' fixture files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +18,9 @@ GPU_ENV = dict(os.environ)
 # ... and without it for everything else: CPU tests compare exact numbers and expect the CPU path
 # (load_in=auto is 4-bit on a GPU), so their processes must not find a GPU even where there is one.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# The environment for a CPU test's child process: the GPU hidden (above), the Hub offline, one CPU thread
+# (on a shared 2-core machine two-thread torch spins against other jobs: a 2 s training takes 40 s).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def gpu_env(**extra: str) -> dict[str, str]:
@@ -64,3 +72,13 @@ def precision_atol(dtype: str, magnitude: float, factor: float = 4.0, floor: flo
     `floor`. The CPU path trains in bf16 where the CPU has native bf16 and in fp32 elsewhere, so a fixed
     fp32 tolerance fails on one machine and a bf16 one proves nothing on the other."""
     return max(floor, factor * EPS[dtype] * magnitude)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The split bnb-4bit gpt-oss checkpoint of the tiny shape (helpers.TINY), built on the CPU."""
+    from helpers import TINY
+    from lowvram_ft.gptoss_checkpoint import build_split_checkpoint
+
+    return build_split_checkpoint(TINY, tmp_path_factory.mktemp("ckpt") / "tiny-split", device="cpu",
+                                  with_tokenizer=False)

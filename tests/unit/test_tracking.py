@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from lowvram_ft.config import load_config
 from lowvram_ft.device import Device
 from lowvram_ft.train import (TrackingError, check_trackers, missing_trackers, sft_config_kwargs,
                               tracker_environment)
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CPU = Device("cpu", "cpu", None, False, "test")
 

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lowvram_ft"
+from conftest import ROOT
+
+PACKAGE = ROOT / "lowvram_ft"
 MAX_LINES = 650  # "about 600": past it a module is holding more than one concern
 HEAVY = ("torch", "transformers", "trl", "peft", "unsloth", "datasets", "accelerate", "bitsandbytes", "matplotlib")
 

@@ -1,40 +1,18 @@
 """Bad input through the command line: each case is exit 2, one `error:` line per problem that says
 what, where and what to do, no traceback, and no output folder left behind.
 
-Most cases stop before a model is loaded (data is read first), so they take a second or two; the
-unknown model id and the tokenizer without a chat template load Unsloth (about 10 s each).
+These cases stop before a model is loaded (data is read first), so they take a second or two; those that
+load Unsloth (an unknown model id, a missing model folder, a tokenizer without a chat template):
+e2e/test_errors.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see test_resume.py
-QUICK = ["--config", "configs/embedded.yaml", "train.max_steps=2", "eval.enabled=false"]
-
-
-def train(tmp_path: Path, *args: str, output: Path | None = None) -> tuple[subprocess.CompletedProcess, Path]:
-    out = output or tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--output", str(out), *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    return proc, out
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    """The `error:` lines; also checks the failure is clean: exit 2, no traceback."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert lines, proc.stderr[-2000:]
-    return lines
-
+from helpers import QUICK, error_lines, train
 
 def unreadable_file(tmp_path: Path, name: str) -> Path:
     """A file that exists but cannot be read: mode 000, or for root (who reads anything) a link to
@@ -150,46 +128,7 @@ def test_config_problems_are_listed_together(tmp_path):
     assert not out.exists()
 
 
-# --------------------------------------------------------------------------- models and tokenizers (load Unsloth)
-
-
-@pytest.mark.slow
-def test_unknown_model_id_offline_says_it_cannot_be_reached_and_how_to_use_a_local_copy(tmp_path):
-    proc, out = train(tmp_path, *QUICK, "--model", "nobody-xyz/does-not-exist-7b")
-    [line] = error_lines(proc)
-    assert line.startswith("error: nobody-xyz/does-not-exist-7b: cannot load this model from the Hugging Face Hub")
-    assert "couldn't connect" in line or "offline" in line.lower()
-    assert "hf download nobody-xyz/does-not-exist-7b --local-dir DIR" in line and "pass --model DIR" in line
-    assert not out.exists()
-
-
-@pytest.mark.slow
-def test_missing_local_model_folder(tmp_path):
-    proc, out = train(tmp_path, *QUICK, "--model", str(tmp_path / "models") + "/")
-    [line] = error_lines(proc)
-    assert "no such folder — check the path" in line
-    assert not out.exists()
-
-
-@pytest.mark.slow
-def test_tokenizer_without_a_chat_template(tmp_path):
-    """A word-level tokenizer with neither Harmony's special tokens nor a chat template cannot render
-    conversations: the run stops after loading, before training, and leaves nothing."""
-    from lowvram_ft.embedded import embedded_model_dir
-
-    folder = tmp_path / "plain-tokenizer"
-    folder.mkdir()
-    shutil.copy(embedded_model_dir() / "config.json", folder / "config.json")
-    (folder / "tokenizer.json").write_text(json.dumps({
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1}, "unk_token": "[UNK]"}}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "unk_token": "[UNK]", "eos_token": "[UNK]"}))
-    proc, out = train(tmp_path, *QUICK, "--tokenizer", str(folder))
-    [line] = error_lines(proc)
-    assert "the tokenizer has no chat template, so conversations cannot be rendered" in line
-    assert not out.exists()
+# --------------------------------------------------------------------------- the package's error classes
 
 
 def test_every_error_class_of_the_package_is_a_user_error_with_an_exit_code():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from lowvram_ft import data
 from lowvram_ft.data import command
 from lowvram_ft.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 OK = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "five"}]}
 
 

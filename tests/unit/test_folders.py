@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from lowvram_ft import folders
 from lowvram_ft.config import load_config, to_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from lowvram_ft.config import CHAT_TEMPLATE_NAMES, Config, ConfigError, diff, load_config, to_dict, to_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_embedded_demo():

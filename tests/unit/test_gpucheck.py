@@ -1,45 +1,15 @@
 """`make gpu-check`'s plumbing on the CPU: every step writes its result as it finishes, a slow step is
-cut at its time box without losing the others, a step whose prerequisite failed is skipped, the
-results are copied for retrieval, and the targets are judged from the records."""
+cut at its time box without losing the others, a step whose prerequisite failed is skipped, and the
+targets are judged from the records. The steps end to end on the embedded model, with the results copied
+for retrieval: e2e/test_gpucheck.py."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
+from conftest import ROOT
+from helpers import read_jsonl
 from lowvram_ft import gpucheck
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.mark.slow
-def test_the_steps_run_end_to_end_on_the_embedded_model(tmp_path):
-    out, work, copy = tmp_path / "results", tmp_path / "work", tmp_path / "copy"
-    proc = subprocess.run([sys.executable, "-m", "lowvram_ft.gpucheck", "--model", "embedded", "--steps",
-                           "environment,build,headline,smoke", "--train-steps", "3", "--smoke-tokens", "16", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", gpucheck.RESULTS_COPY_ENV: str(copy)},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (jsonl,) = out.glob("*-gpu.jsonl")
-    records = read_jsonl(jsonl)
-    assert [(r["step"], r["status"]) for r in records] == [("environment", "ok"), ("build", "ok"), ("headline", "ok"),
-                                                           ("smoke", "ok")]
-    env, head, smoke = records[0]["figures"], records[2]["figures"], records[3]["figures"]
-    assert env["torch"] and env["cuda_available"] is False
-    assert head["steps"] == 3 and head["predicted_peak_gib"] > 0 and "estimate" in head["prediction_basis"]
-    assert set(head["memory"]["train"]) == {"peak_allocated_gib", "peak_reserved_gib", "device_peak_gib", "peak_rss_gib"}
-    assert smoke["perplexity"]["before"] > 0
-    md = jsonl.with_suffix(".md").read_text()
-    assert "| headline | ok |" in md and "## Targets" in md and "not measured" in md
-    assert sorted(p.name for p in copy.iterdir()) == sorted([jsonl.name, jsonl.with_suffix(".md").name])
 
 
 def test_a_slow_step_is_cut_at_its_time_box_and_what_needs_it_is_skipped(tmp_path, monkeypatch):

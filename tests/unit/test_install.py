@@ -5,7 +5,9 @@ import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+from conftest import ROOT
+
+LOCK = ROOT / "requirements.lock"
 
 
 def canonical(name: str) -> str:

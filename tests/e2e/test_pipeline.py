@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import precision_atol
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, precision_atol
+from helpers import read_jsonl
+
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -29,10 +30,6 @@ def demo(tmp_path_factory):
                            "--output", str(run_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dir": run_dir, "stdout": proc.stdout, "seconds": time.perf_counter() - started}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def test_run_folder_holds_every_promised_file(demo):

@@ -1,32 +1,22 @@
 """The split bnb-4bit gpt-oss checkpoint (what users of unsloth/gpt-oss-20b load) built with random weights.
 
-A tiny gpt-oss shape (2 layers, 4 experts, hidden 64) is built once on the CPU without the tokenizer.
-The checks that need Unsloth (its split/fused classifier, loading through unsloth_zoo's split classes)
-run together in one child process, because importing unsloth patches transformers for the whole process;
-importing unsloth costs about 20 s of CPU, so those tests are marked slow (`-m "not slow"` leaves them out).
+A tiny gpt-oss shape (2 layers, 4 experts, hidden 64; helpers.TINY) is built once on the CPU without the
+tokenizer (conftest's tiny_checkpoint). The checks that need Unsloth (its split/fused classifier, loading
+through unsloth_zoo's split classes) import unsloth, about 20 s of CPU: e2e/test_gptoss_checkpoint.py.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import REAL_20B, TINY
 from lowvram_ft import folders
 from lowvram_ft import gptoss_checkpoint as ckpt
 from lowvram_ft.gptoss_checkpoint import build_split_checkpoint, split_layout_config, split_layout_tensors
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL_20B = json.loads((ROOT / "lowvram_ft" / "assets" / "model_configs" / "gpt-oss-20b.json").read_text())
-TINY_SHAPE = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
-                  num_experts_per_tok=2, experts_per_token=2, hidden_size=64, intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2)  # the 20b ids are past this vocabulary
-TINY = {**REAL_20B, **TINY_SHAPE}
 SUFFIXES_4BIT = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 # The key pattern of unsloth/gpt-oss-20b-unsloth-bnb-4bit, written out by hand (numbers become <n>).
 SPLIT_PATTERNS = {
@@ -42,12 +32,6 @@ SPLIT_PATTERNS = {
 
 def pattern(name: str) -> str:
     return re.sub(r"\.\d+(?=\.)", ".<n>", name)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_split_checkpoint(TINY, tmp_path_factory.mktemp("ckpt") / "tiny-split", device="cpu",
-                                  with_tokenizer=False)
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -179,84 +163,3 @@ def test_a_folder_this_tool_did_not_write_is_never_replaced(tmp_path):
     with pytest.raises(folders.FolderError, match="did not write"):
         build_split_checkpoint(TINY, mine, device="cpu", with_tokenizer=False)
     assert (mine / "notes.txt").read_text() == "keep" and [p.name for p in mine.iterdir()] == ["notes.txt"]
-
-
-# --------------------------------------------------------------------------- (c) (d) through Unsloth
-
-UNSLOTH_CHECKS = r"""
-import json, sys
-import unsloth  # first: it patches transformers
-import torch, transformers
-from unsloth.models.loader_utils import (
-    _checkpoint_tensor_dtypes, _gpt_oss_bnb_checkpoint_expert_layout, gpt_oss_checkpoint_has_fused_experts)
-from unsloth_zoo.peft_utils import SKIP_QUANTIZATION_MODULES
-from unsloth_zoo.temporary_patches.gpt_oss import patch_gpt_oss_bnb4bit
-from lowvram_ft.gptoss_checkpoint import describe_loaded
-
-path = sys.argv[1]
-report = {"zoo_skip_modules": list(SKIP_QUANTIZATION_MODULES)}
-config = transformers.AutoConfig.from_pretrained(path)
-report["layout"] = _gpt_oss_bnb_checkpoint_expert_layout(_checkpoint_tensor_dtypes(path, local_files_only=True))
-report["has_fused_experts"] = gpt_oss_checkpoint_has_fused_experts(config, path, local_files_only=True)
-
-def load():
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                                    output_loading_info=True)
-    return model, {k: sorted(map(str, v)) for k, v in info.items()}
-
-stock, report["stock_info"] = load()  # stock transformers classes: experts and router do not fit
-report["stock"] = describe_loaded(stock)
-del stock
-patch_gpt_oss_bnb4bit()
-model, report["info"] = load()
-report["loaded"] = describe_loaded(model)
-report["quantization_config"] = model.config.quantization_config.to_dict()
-with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-    logits = model(torch.tensor([[3, 4, 5, 6, 7]])).logits
-report["logits_shape"] = list(logits.shape)
-report["logits_finite"] = bool(torch.isfinite(logits).all())
-print("REPORT " + json.dumps(report))
-"""
-
-
-@pytest.fixture(scope="module")
-def unsloth_report(tiny_checkpoint) -> dict:
-    """One child process that imports unsloth (about 20 s of CPU) and runs every Unsloth-side check."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
-    out = subprocess.run([sys.executable, "-c", UNSLOTH_CHECKS, str(tiny_checkpoint)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = next(line for line in out.stdout.splitlines() if line.startswith("REPORT "))
-    return json.loads(line.removeprefix("REPORT "))
-
-
-@pytest.mark.slow
-def test_unsloth_classifies_the_checkpoint_as_split(unsloth_report):
-    assert unsloth_report["layout"] == "split"
-    assert unsloth_report["has_fused_experts"] is False
-
-
-@pytest.mark.slow
-def test_skip_list_snapshot_matches_the_installed_unsloth_zoo(unsloth_report):
-    assert list(ckpt.UNSLOTH_SKIP_QUANTIZATION_MODULES) == unsloth_report["zoo_skip_modules"]
-
-
-@pytest.mark.slow
-def test_loads_through_unsloth_split_classes_with_a_clean_report_and_4bit_experts(unsloth_report):
-    info, loaded = unsloth_report["info"], unsloth_report["loaded"]
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
-    assert loaded["experts_4bit"] is True
-    assert loaded["expert_weights"] == loaded["expert_weights_4bit"] == 2 * 4 * 2
-    # Only the experts are 4-bit: attention, router, embeddings and lm_head stayed 16-bit.
-    assert loaded["linear4bit"] == loaded["params4bit"] == 2 * 4 * 2
-    assert loaded["parameters_by_dtype"]["nf4"] == 2 * 4 * (2 * 64 * 64 + 64 * 64)
-    assert loaded["cuda_allocated_gib"] is None
-    assert unsloth_report["logits_shape"] == [1, 5, 256] and unsloth_report["logits_finite"]
-    # transformers reads the quantization_config back to the same dict it would write.
-    assert unsloth_report["quantization_config"] == split_layout_config(REAL_20B)["quantization_config"]
-
-
-@pytest.mark.slow
-def test_stock_classes_do_not_fit_the_layout_so_the_clean_report_means_something(unsloth_report):
-    assert unsloth_report["stock_info"]["unexpected_keys"] and unsloth_report["stock_info"]["missing_keys"]
-    assert unsloth_report["stock"]["experts_4bit"] is False

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 ASSETS = ROOT / "lowvram_ft" / "assets"
 TRAIN, HELDOUT, SUITE = ASSETS / "sample_train.jsonl", ASSETS / "sample_heldout.jsonl", ASSETS / "eval_prompts.yaml"
 GENERATOR = ROOT / "scripts" / "make_sample_data.py"

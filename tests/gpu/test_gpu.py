@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import gpu_env
+
+from conftest import ROOT, gpu_env
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:

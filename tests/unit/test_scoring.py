@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA
 from lowvram_ft import languages, scoring
 from lowvram_ft.report import format_table, to_markdown
 from lowvram_ft.scoring import (
@@ -27,7 +28,6 @@ from lowvram_ft.scoring import (
 )
 from lowvram_ft.statistics import aggregate, compare, wilson_interval
 
-DATA = Path(__file__).parent / "data"
 LABELLED = [json.loads(line) for line in (DATA / "langid_labelled.jsonl").read_text(encoding="utf-8").splitlines()]
 MISSION_LANGUAGES = {"en", "fr", "de", "es", "it", "ja", "zh", "ko"}
 

@@ -1,26 +1,26 @@
 """lowvram_ft.data: shapes, normalisation, validation with locations, mixing, masks, length, cache, export.
 
 Tokenizers are tiny byte-level BPEs built in fixtures (one with the Harmony special tokens, one ChatML
-with a Jinja template); one test uses the real o200k_harmony tokenizer, built offline.
+with a Jinja template; helpers.build_tokenizer). The real o200k_harmony tokenizer and the comparisons with
+Unsloth itself: e2e/test_data.py.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import (DATASETS, MT, SHAREGPT_ROWS, SHAREGPT_STANDARD, build_tokenizer, by_row, config,
+                     our_sharegpt, rows_by_where, tokenize, trained_text)
 from lowvram_ft import data
 from lowvram_ft.config import CHAT_TEMPLATE_NAMES, load_config
 from lowvram_ft.conversation import Conversation, Message
-from lowvram_ft.harmony import HarmonyOptions, render_prompt, render_training
+from lowvram_ft.harmony import HarmonyOptions, render_prompt
 
-DATASETS = Path(__file__).parent / "data" / "datasets"
-MT = DATASETS / "multilingual_thinking.jsonl"
 MESSAGES = DATASETS / "messages.jsonl"
 SHAREGPT = DATASETS / "sharegpt.json"
 ALPACA = DATASETS / "alpaca.csv"
@@ -47,23 +47,6 @@ CHATML_LAST_REASONING = CHATML.replace("m.role == 'assistant' and m.reasoning_co
                                        "m.role == 'assistant' and m.reasoning_content and loop.last")
 
 
-def build_tokenizer(specials: list[str], template: str | None, eos: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["The user asks what 2 + 3 is. The answer is five.", "Reasoning: medium analysis final"]
-    tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=specials[0],
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = template
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def harmony_tok():
     return build_tokenizer(HARMONY_SPECIALS, None, "<|return|>")
@@ -74,24 +57,9 @@ def chatml_tok():
     return build_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML, "<|im_end|>")
 
 
-def config(tmp_path, *datasets, **data_keys):
-    data_keys.setdefault("cache_dir", str(tmp_path / "cache"))
-    max_len = data_keys.pop("max_seq_length", 2048)
-    return load_config(overrides={"data": {"dataset": [str(d) for d in datasets], **data_keys},
-                                  "model": {"max_seq_length": max_len}})
-
-
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def by_row(loaded) -> dict[int, object]:
-    return {int(e.where.rsplit(":", 1)[1]): e.item for e in loaded.train + loaded.heldout}
-
-
-def trained_text(tokenizer, ids, labels) -> list[str]:
-    return [tokenizer.decode(run) for trained, run in data.runs(ids, labels) if trained]
 
 
 def masked_text(tokenizer, ids, labels) -> list[str]:
@@ -153,43 +121,9 @@ def test_sharegpt_roles_normalised(tmp_path):
     assert [m.role for m in rows[2].messages] == ["user", "assistant"]  # "Human" / "GPT"
 
 
-# ShareGPT rows in the spellings Unsloth's standardize_sharegpt accepts: role aliases in any case, with
-# spaces around them, and `conversations` holding role/content instead of from/value.
-SHAREGPT_ROWS = [
-    [{"conversations": [{"from": "system", "value": "You are kind."}, {"from": "human", "value": "Hello"},
-                        {"from": "gpt", "value": "Hi there!"}]},
-     {"conversations": [{"from": "Human", "value": "Thanks"}, {"from": "GPT", "value": "You're welcome."}]},
-     {"conversations": [{"from": " user ", "value": "  spaced  "}, {"from": "Assistant", "value": "ok\n"},
-                        {"from": "input", "value": "more"}, {"from": "output", "value": "done"}]},
-     {"conversations": [{"from": "SYSTEM", "value": "Be brief."}, {"from": "human", "value": "Q1"},
-                        {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-                        {"from": "gpt", "value": "A2"}]}],
-    [{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
-]
-SHAREGPT_STANDARD = [
-    [[("system", "You are kind."), ("user", "Hello"), ("assistant", "Hi there!")],
-     [("user", "Thanks"), ("assistant", "You're welcome.")],
-     [("user", "  spaced  "), ("assistant", "ok\n"), ("user", "more"), ("assistant", "done")],
-     [("system", "Be brief."), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]],
-    [[("user", "Hi"), ("assistant", "Hello")]],
-]
-
-
-def our_sharegpt(rows: list[dict]) -> list[list[tuple[str, str]]]:
-    """Role/content of each row as our sharegpt shape normalises it."""
-    from lowvram_ft.data.rows import parse_row
-
-    out = []
-    for row in rows:
-        conversation, issues = parse_row(row, "sharegpt")
-        assert not issues, issues
-        out.append([(m.role, m.content) for m in conversation.messages])
-    return out
-
-
 def test_sharegpt_spellings_normalise_to_role_and_content():
-    """The values Unsloth's standardize_sharegpt gives for the same rows (compared live in the slow test
-    below): roles mapped, contents verbatim."""
+    """The values Unsloth's standardize_sharegpt gives for the same rows (compared live in
+    e2e/test_data.py): roles mapped, contents verbatim."""
     assert [our_sharegpt(rows) for rows in SHAREGPT_ROWS] == SHAREGPT_STANDARD
 
 
@@ -355,16 +289,6 @@ def test_heldout_split_is_disjoint_and_deterministic(tmp_path):
 
 
 # --------------------------------------------------------------------------- masks
-
-
-def tokenize(tmp_path, tokenizer, *datasets, **keys):
-    cfg = config(tmp_path, *datasets, **keys)
-    loaded = data.load_data(cfg)
-    return loaded, data.tokenize_data(loaded.train, tokenizer, cfg)
-
-
-def rows_by_where(loaded, tokenized) -> dict[str, dict]:
-    return {loaded.train[i].where: tokenized.dataset[n] for n, i in enumerate(tokenized.kept)}
 
 
 def test_harmony_masks_train_assistant_turns_with_analysis(tmp_path, harmony_tok):
@@ -565,23 +489,7 @@ def test_check_prints_every_problem_and_exits_2(tmp_path):
     assert data.inspect(config(tmp_path, MT), check=True, console=Console(file=out, width=300)) == 0
 
 
-# --------------------------------------------------------------------------- real tokenizer, light import
-
-
-@pytest.mark.slow
-def test_real_gptoss_tokenizer_masks(tmp_path):
-    from lowvram_ft.gptoss_tokenizer import load_gptoss_tokenizer
-
-    tok = load_gptoss_tokenizer()
-    loaded, tokenized = tokenize(tmp_path, tok, MT)
-    conv = by_row(loaded)[2]
-    row = rows_by_where(loaded, tokenized)[f"{MT}:2"]
-    full = "".join(text for text, _ in render_training(conv, HarmonyOptions()))
-    assert row["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
-    trained = trained_text(tok, row["input_ids"], row["labels"])
-    assert trained == ["<|channel|>analysis<|message|>Der Nutzer fragt nach einer Grundfarbe. Rot ist eine.<|end|>"
-                       "<|start|>assistant<|channel|>final<|message|>Red.<|return|>"]
-    assert row["input_ids"][-1] == 200002  # <|return|>
+# --------------------------------------------------------------------------- light import, parallel tokenizing
 
 
 def test_import_is_light():
@@ -597,67 +505,3 @@ def test_parallel_tokenizing_matches_one_process(tmp_path, chatml_tok):
     _, one = tokenize(tmp_path, chatml_tok, MT, MESSAGES, num_proc=1, cache_dir=str(tmp_path / "a"))
     _, two = tokenize(tmp_path, chatml_tok, MT, MESSAGES, num_proc=2, cache_dir=str(tmp_path / "b"))
     assert two.stats["num_proc"] == 2 and two.dataset.to_dict() == one.dataset.to_dict()
-
-
-# --------------------------------------------------------------------------- against Unsloth itself
-
-UNSLOTH_CHECKS = r"""
-import json, sys
-from lowvram_ft.model import import_unsloth, with_chat_template
-import_unsloth()  # first: it patches transformers
-import datasets
-from transformers import AutoTokenizer
-from unsloth.chat_templates import CHAT_TEMPLATES, standardize_sharegpt
-
-report = {"registry": list(CHAT_TEMPLATES)}
-report["standardized"] = [[row["conversations"] for row in standardize_sharegpt(datasets.Dataset.from_list(rows))]
-                          for rows in json.loads(sys.argv[1])]
-with_chat_template(AutoTokenizer.from_pretrained(sys.argv[2]), "chatml").save_pretrained(sys.argv[3])
-print("REPORT " + json.dumps(report))
-"""
-
-
-@pytest.fixture(scope="module")
-def unsloth_side(tmp_path_factory) -> dict:
-    """One child process that imports unsloth (about 20 s here) and runs every Unsloth-side step: its
-    template registry, standardize_sharegpt on SHAREGPT_ROWS, and data.chat_template=chatml applied
-    through our model.with_chat_template to a tokenizer that has no template (saved for the parent)."""
-    folder = tmp_path_factory.mktemp("unsloth")
-    build_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>").save_pretrained(
-        folder / "plain")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
-    out = subprocess.run([sys.executable, "-c", UNSLOTH_CHECKS, json.dumps(SHAREGPT_ROWS), str(folder / "plain"),
-                          str(folder / "chatml")], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = next(line for line in out.stdout.splitlines() if line.startswith("REPORT "))
-    return {**json.loads(line.removeprefix("REPORT ")), "chatml": folder / "chatml"}
-
-
-@pytest.mark.slow
-def test_chat_template_names_are_unsloths_registry(unsloth_side):
-    registry = unsloth_side["registry"]
-    assert len(set(CHAT_TEMPLATE_NAMES)) == len(CHAT_TEMPLATE_NAMES)
-    assert set(CHAT_TEMPLATE_NAMES) == set(registry) - {"gpt-oss", "gptoss"}  # gpt-oss renders Harmony
-
-
-@pytest.mark.slow
-def test_sharegpt_normalisation_agrees_with_unsloths_standardize_sharegpt(unsloth_side):
-    theirs = [[[(m["role"], m["content"]) for m in conversation] for conversation in standardized]
-              for standardized in unsloth_side["standardized"]]
-    assert theirs == [our_sharegpt(rows) for rows in SHAREGPT_ROWS] == SHAREGPT_STANDARD
-
-
-@pytest.mark.slow
-def test_a_template_from_unsloths_registry_renders_and_masks(unsloth_side, tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(unsloth_side["chatml"])
-    conversation = Conversation((Message("system", "Be kind."), Message("user", "Hello"),
-                                 Message("assistant", "Hi there!")))
-    cfg = config(tmp_path, "sample", chat_template="chatml")
-    row = data.tokenize_data([conversation], tokenizer, cfg).dataset[0]
-    messages = data.chat_messages(conversation)
-    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    assert prompt == "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    assert trained_text(tokenizer, row["input_ids"], row["labels"]) == ["Hi there!<|im_end|>"]

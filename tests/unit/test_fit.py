@@ -1,23 +1,22 @@
 """The GPU path, as far as a CPU can test it: the fit policy (an unmeasured estimate never blocks a run),
 the precision Unsloth uses on each card, the gpt-oss recipe that fits 16 GB, input placement with an
-offloaded embedding, and the emulated card. No model is loaded."""
+offloaded embedding, and the emulated card. No model is loaded. The suite's hiding of a GPU from CPU
+tests: e2e/test_fit.py."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from lowvram_ft import plan
 from lowvram_ft.config import GPT_OSS_RECIPE, load_config
 from lowvram_ft.io import GIB
 from lowvram_ft.device import DeviceError, emulated_card_fraction, emulated_card_gib
 
 from lowvram_ft.plan import estimate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def gpt_oss(*overrides: str):
@@ -181,15 +180,3 @@ def test_the_emulated_card_takes_the_cuda_context_off_like_a_real_card():
     for bad in ("abc", "0", "-5", "nan", "inf"):
         with pytest.raises(DeviceError, match="LOWVRAM_FT_VRAM_GIB"):
             emulated_card_gib(bad)
-
-
-@pytest.mark.slow
-def test_the_suite_hides_a_gpu_from_cpu_tests_and_shows_it_to_gpu_tests():
-    """CPU tests compare exact numbers on the CPU path; on a machine with a GPU their processes must not
-    find it (conftest), while `gpu` tests get the environment the machine had."""
-    from conftest import GPU_ENV, gpu_env
-
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
-    code = "import torch, sys; sys.exit(1 if torch.cuda.is_available() else 0)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
-    assert gpu_env().get("CUDA_VISIBLE_DEVICES") == GPU_ENV.get("CUDA_VISIBLE_DEVICES")

@@ -1,0 +1,1 @@
+"""GPU tier (`gpu`): needs a CUDA GPU, skipped without one (`make gpu-check` runs it)."""

@@ -1,0 +1,1 @@
+"""Unit tier: no model is trained or loaded; seconds (`make test-fast`)."""
