@@ -9,7 +9,7 @@ heavy is imported and is a pure function of that environment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -17,6 +17,8 @@ from typing import Callable, Mapping
 # launchers as accelerate reads them for multi-CPU runs).
 RANK_KEYS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
 WORLD_KEYS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+# accelerate's DistributedType names under which no process holds the whole model.
+SHARDING_TYPES = ("FSDP", "DEEPSPEED")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ def processes(env: Mapping[str, str] | None = None) -> Processes:
     return Processes(rank=rank, world_size=max(world, 1), sharded=sharded and world > 1)
 
 
+def as_prepared(procs: Processes, distributed_type: str) -> Processes:
+    """`procs` as the Trainer's accelerator really runs them (`distributed_type`, the name of accelerate's
+    DistributedType): sharded only under FSDP or DeepSpeed. On CPU processes accelerate 1.15 runs an FSDP
+    launch as plain data parallel (MULTI_CPU; its state only shards on GPU-like devices): every process
+    then holds the whole model, saves and evaluates as under DDP."""
+    return replace(procs, sharded=procs.several and distributed_type in SHARDING_TYPES)
+
+
 def first_int(env: Mapping[str, str], keys: tuple[str, ...], default: int) -> int:
     for key in keys:
         value = env.get(key, "").strip()
@@ -64,6 +74,12 @@ def shared_run_dir(procs: Processes, prepare: Callable[[], Path]) -> Path:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    if not torch.cuda.is_available():
+        # Accelerate names a CPU process's device `cpu:<local rank>` (cpu:0), and the Trainer resuming
+        # a run of several processes loads the optimizer state with map_location=args.device, which
+        # torch.load cannot map to ("don't know how to restore data location ... (tagged with cpu:0)").
+        # The device accelerate reads from ACCELERATE_TORCH_DEVICE is used as given: plain `cpu`.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     # Joins the process group the launcher set up: NCCL on GPUs; without CUDA, accelerate only builds
     # the gloo group when told it runs on the CPU (as the Trainer tells it later).
     PartialState(cpu=not torch.cuda.is_available())

@@ -65,7 +65,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     from . import checkpoint
     from . import model as models
     from .data import load_data, tokenize_data
-    from .distributed import max_over_processes, processes, shared_run_dir
+    from .distributed import as_prepared, max_over_processes, processes, shared_run_dir
     from .train import (build_trainer, check_trackers, compute_dtype, make_progress_callback, optimizer_name,
                         packing_decision, point_trackers_at)
 
@@ -115,6 +115,11 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
                             [progress, checkpoint.make_run_callback(run)], packing=packing)
+    kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
+    if procs.sharded and not as_prepared(procs, kind).sharded:
+        log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
+            f"{kind}, plain data parallel: every process holds the whole model (README, More than one GPU)")
+    procs = as_prepared(procs, kind)
     run.phase = "train"
     result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
     run.raise_if_stopped()  # Ctrl-C / SIGTERM: the checkpoint is written; say how to resume

@@ -42,7 +42,7 @@ def cuda_available() -> bool:
 
 # Fixtures that train or load a model in a child process: a test using one is end to end (`slow`).
 # `make test-fast` runs the rest (`-m "not slow and not gpu"`), `make test` runs everything.
-SLOW_FIXTURES = {"demo", "run", "exported", "logits", "reference", "runs", "qwen3_run", "unsloth_report"}
+SLOW_FIXTURES = {"demo", "run", "exported", "logits", "reference", "runs", "fsdp2", "qwen3_run", "unsloth_report"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,8 @@
-"""Past one GPU: the shipped Accelerate configs, which process writes (pure), and one real two-process
-run on the CPU (gloo) with the documented command, `accelerate launch --config_file
-configs/accelerate/ddp.yaml -m lowvram_ft train ...`, checked against a one-process run of the same data.
-
-Resuming a multi-process run is not run here: on the CPU, transformers 5.17 loads the optimizer state
-with map_location=args.device, which accelerate names `cpu:0` for a multi-CPU run, and torch.load cannot
-map storages to it ("don't know how to restore data location ... (tagged with cpu:0)"). What this file
-checks is what a resume needs: a complete checkpoint holding every process's RNG state.
+"""Past one GPU: the shipped Accelerate configs, which process writes (pure), and real two-process runs
+on the CPU (gloo) with the documented command, `accelerate launch --config_file
+configs/accelerate/ddp.yaml -m lowvram_ft train ...`, checked against a one-process run of the same data:
+DDP, the FSDP2 config (which accelerate 1.15 runs as DDP on CPU processes), and a run killed after its
+first checkpoint and resumed with `--resume`.
 """
 from __future__ import annotations
 
@@ -20,7 +17,8 @@ import pytest
 import yaml
 
 from lowvram_ft.checkpoint import latest_checkpoint, rng_state_files
-from lowvram_ft.distributed import Processes, processes, shared_run_dir
+from lowvram_ft.checkpoint import FAULT_ENV
+from lowvram_ft.distributed import Processes, as_prepared, processes, shared_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -67,6 +65,13 @@ def test_the_process_that_writes_is_global_rank_zero():
     assert not processes({"ACCELERATE_USE_FSDP": "true"}).sharded  # one process holds everything
 
 
+def test_processes_are_sharded_only_when_the_accelerator_shards():
+    fsdp_launch = processes({"RANK": "0", "WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"})
+    assert as_prepared(fsdp_launch, "FSDP").sharded and as_prepared(fsdp_launch, "DEEPSPEED").sharded
+    assert as_prepared(fsdp_launch, "MULTI_CPU") == Processes(rank=0, world_size=2, sharded=False)
+    assert not as_prepared(processes({}), "FSDP").sharded  # one process holds everything
+
+
 def test_one_process_prepares_the_run_folder_itself(tmp_path):
     calls = []
     assert shared_run_dir(processes({}), lambda: calls.append(1) or tmp_path) == tmp_path
@@ -82,14 +87,22 @@ def test_a_checkpoint_is_complete_with_one_rng_state_per_process(tmp_path):
 # --------------------------------------------------------------------------- two CPU processes
 
 
-def launch(out: Path, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(out: Path, *overrides: str, processes: int = 2, accelerate_config: str = "ddp",
+           fault: str | None = None) -> subprocess.CompletedProcess:
     if processes == 1:
         command = [sys.executable, "-m", "lowvram_ft"]
     else:
         command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                   "configs/accelerate/ddp.yaml", "--num_processes", str(processes), "-m", "lowvram_ft"]
-    return subprocess.run([*command, "train", "--output", str(out), *SETTINGS, *overrides], cwd=ROOT, env=ENV,
+                   f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", str(processes), "-m", "lowvram_ft"]
+    env = {**ENV, FAULT_ENV: fault} if fault else ENV
+    return subprocess.run([*command, "train", "--output", str(out), *SETTINGS, *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -106,6 +119,15 @@ def runs(tmp_path_factory):
     two = launch(root / "two", "train.max_steps=3", "train.save_steps=2")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     return {"one": root / "one", "two": root / "two", "log": two.stdout + two.stderr}
+
+
+@pytest.fixture(scope="module")
+def fsdp2(runs, tmp_path_factory):
+    """The FSDP2 config's command with the settings of the DDP run."""
+    run = tmp_path_factory.mktemp("fsdp2") / "run"
+    proc = launch(run, "train.max_steps=3", "train.save_steps=2", accelerate_config="fsdp2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc.stdout + proc.stderr
 
 
 def test_both_processes_train_and_only_the_first_writes_and_prints(runs):
@@ -139,3 +161,43 @@ def test_checkpoints_of_two_processes_are_complete_and_hold_both_rng_states(runs
             p.name for p in folder.iterdir()}
         assert json.loads((folder / "lowvram_ft_state.json").read_text())["processes"] == 2
     assert latest_checkpoint(run).step == 3
+
+
+def test_the_fsdp2_config_trains_on_two_cpu_processes_as_ddp_and_writes_one_adapter(runs, fsdp2):
+    run, log = fsdp2
+    assert log.count("[lowvram_ft] processes: sharding asked for, but accelerate runs the 2 processes as MULTI_CPU") == 1
+    assert log.count("[lowvram_ft] save: adapter and tokenizer") == 1
+    assert not (run / ".adapter.sharded").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3 and "reload_probe" in summary
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    one, got = adapter(runs["one"]), adapter(run)
+    assert len(one) > 10 and {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in one.items()}
+    # Under the hood the same run as DDP with the same settings: the same losses and weights.
+    import torch
+
+    want = adapter(runs["two"])
+    assert all(torch.allclose(want[name], got[name], rtol=0, atol=1e-7) for name in want)
+    losses = [r["loss"] for r in read_jsonl(runs["two"] / "metrics.jsonl")]
+    assert [r["loss"] for r in read_jsonl(run / "metrics.jsonl")] == pytest.approx(losses, rel=1e-6, abs=0)
+
+
+def test_a_two_process_run_killed_after_its_checkpoint_resumes_to_the_uninterrupted_result(runs, tmp_path):
+    run = tmp_path / "run"
+    killed = launch(run, "train.max_steps=3", "train.save_steps=2", fault="kill@step=3")  # both processes, before checkpoint 3
+    assert killed.returncode != 0 and latest_checkpoint(run).step == 2
+    resumed = launch(run, "train.max_steps=3", "train.save_steps=2", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[lowvram_ft] resume: continuing from" in resumed.stdout and "checkpoint-2 (step 2)" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    assert [p.name for p in run.iterdir() if "adapter" in p.name] == ["adapter"]  # no staging folder left
+    want, got = read_jsonl(runs["two"] / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    # RNG states, data position and optimizer state restored: the losses and weights of the uninterrupted run
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6, abs=0)
+    import torch
+
+    uninterrupted, resumed_adapter = adapter(runs["two"]), adapter(run)
+    assert uninterrupted.keys() == resumed_adapter.keys()
+    assert all(torch.allclose(uninterrupted[name], resumed_adapter[name], rtol=0, atol=1e-7) for name in uninterrupted)
