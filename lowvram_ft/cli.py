@@ -11,10 +11,11 @@ import sys
 
 from .config import ConfigError, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
-from . import chat, data, evaluate, export, pipeline, plan, report, scoring
+from . import chat, data, evaluate, export, plan, report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
-from .checkpoint import resume_config
+from .train import pipeline
+from .train.checkpoints import resume_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error.problems)
     except UserError as error:  # every error meant for the user: its lines and its exit code (errors.py)
         return fail(error.lines(), error.exit_code)
-    except KeyboardInterrupt as error:  # checkpoint.Interrupted says what was saved and how to resume
+    except KeyboardInterrupt as error:  # run_state.Interrupted says what was saved and how to resume
         print(getattr(error, "message", None) or "interrupted", file=sys.stderr)
         return getattr(error, "exit_code", 130)
     except Exception as error:  # noqa: BLE001 — errors of the libraries that mean bad input or a full GPU
@@ -236,7 +237,7 @@ def run_train(args) -> int:
 
 def resolve_resume(args):
     """The saved config of the run in --output; --config, flags and overrides may change only what does
-    not alter the run (checkpoint.resume_config)."""
+    not alter the run (checkpoints.resume_config)."""
     from pathlib import Path
 
     if not args.output:

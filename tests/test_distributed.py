@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowvram_ft.checkpoint import latest_checkpoint, rng_state_files
-from lowvram_ft.checkpoint import FAULT_ENV
-from lowvram_ft.distributed import Processes, as_prepared, processes, shared_run_dir
+from lowvram_ft.testing.faults import FAULT_ENV
+from lowvram_ft.train.checkpoints import latest_checkpoint, rng_state_files
+from lowvram_ft.train.distributed import Processes, as_prepared, processes, shared_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

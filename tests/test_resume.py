@@ -3,7 +3,7 @@ out-of-memory advice, refused resumes, disk space.
 
 The end-to-end tests train the embedded model for 12 steps (batch 4 of 32 rows, so the run crosses an
 epoch boundary at step 8) and kill it with real SIGKILLs at chosen points through the LOWVRAM_FT_FAULT
-testing hook (checkpoint.fault), then compare with one uninterrupted run of the same seed.
+testing hook (lowvram_ft.testing.faults), then compare with one uninterrupted run of the same seed.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import EPS
 
-from lowvram_ft import checkpoint
+from lowvram_ft.errors import is_out_of_memory
+from lowvram_ft.testing.faults import FAULT_ENV
+from lowvram_ft.train import checkpoints, run_state
 from lowvram_ft.config import load_config, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +32,17 @@ SHORT = ["--config", "configs/embedded.yaml", "train.max_steps=12", "train.save_
          "train.batch_size=4", "data.max_rows=32", "model.max_seq_length=256", "eval.enabled=false"]
 
 
-def train(run_dir: Path, *args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**ENV, checkpoint.FAULT_ENV: fault} if fault else ENV
-    return subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--output", str(run_dir), *args],
+def train(run_dir: Path, *args: str, fault: str | None = None, timeout: int = 300,
+          python: tuple[str, ...] = ("-m", "lowvram_ft")) -> subprocess.CompletedProcess:
+    env = {**ENV, FAULT_ENV: fault} if fault else ENV
+    return subprocess.run([sys.executable, *python, "train", "--output", str(run_dir), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The command line in a process whose disk reports no free space (shutil.disk_usage, what the checks read).
+FULL_DISK = ("-c", "import runpy, shutil, sys, types; "
+                   "shutil.disk_usage = lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=0); "
+                   "sys.argv[0] = 'lowvram_ft'; runpy.run_module('lowvram_ft', run_name='__main__')")
 
 
 def start(run_dir: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
@@ -52,7 +61,7 @@ def squeeze(text: str) -> str:
 
 
 def steps_of(run_dir: Path) -> list[int]:
-    return [c.step for c in checkpoint.list_checkpoints(run_dir)[0]]
+    return [c.step for c in checkpoints.list_checkpoints(run_dir)[0]]
 
 
 def adapter(run_dir: Path) -> dict:
@@ -97,7 +106,7 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     partial = run_dir / "checkpoints" / "checkpoint-8"
     assert (partial / "adapter_model.safetensors").is_file() and not (partial / "optimizer.pt").exists()
-    assert not (partial / checkpoint.STATE_FILE).exists(), "a checkpoint killed mid-write has no mark"
+    assert not (partial / checkpoints.STATE_FILE).exists(), "a checkpoint killed mid-write has no mark"
     assert steps_of(run_dir) == [4]
 
     # 3. Resumed from 4 again (the half-written 8 ignored), SIGKILL at the end of step 11 (after 8, past the epoch).
@@ -105,7 +114,7 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "continuingfrom" in squeeze(proc.stdout) and "checkpoint-4(step4)" in squeeze(proc.stdout)
     assert steps_of(run_dir) == [4, 8]
-    assert checkpoint.list_checkpoints(run_dir)[1] == [], "the half-written 8 was rewritten and marked"
+    assert checkpoints.list_checkpoints(run_dir)[1] == [], "the half-written 8 was rewritten and marked"
 
     # 4. Resumed from 8 to the end.
     proc = train(run_dir, "--resume")
@@ -152,15 +161,15 @@ def test_a_truncated_file_makes_a_checkpoint_incomplete_and_the_older_one_is_use
     for step in (4, 8):
         folder = run_dir / "checkpoints" / f"checkpoint-{step}"
         (folder / "optimizer.pt").write_bytes(b"\0" * 5000)
-        checkpoint.mark_complete(folder, step, processes=1)
+        checkpoints.mark_complete(folder, step, processes=1)
     with open(run_dir / "checkpoints" / "checkpoint-8" / "optimizer.pt", "r+b") as handle:
         handle.truncate(1000)
-    latest = checkpoint.resume_point(run_dir)
+    latest = checkpoints.resume_point(run_dir)
     assert latest.step == 4 and latest.skipped == ("checkpoint-8 (optimizer.pt has 1,000 bytes, 5000 were written)",)
     with open(run_dir / "checkpoints" / "checkpoint-4" / "optimizer.pt", "r+b") as handle:
         handle.truncate(10)
-    with pytest.raises(checkpoint.ResumeError, match="no intact checkpoint to resume from .*damaged: checkpoint-4"):
-        checkpoint.resume_point(run_dir)
+    with pytest.raises(checkpoints.ResumeError, match="no intact checkpoint to resume from .*damaged: checkpoint-4"):
+        checkpoints.resume_point(run_dir)
 
 
 @pytest.mark.slow
@@ -174,7 +183,7 @@ def test_sigint_and_sigterm_finish_the_step_checkpoint_and_say_how_to_resume(tmp
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err[-3000:]
-        latest = checkpoint.latest_checkpoint(run_dir)
+        latest = checkpoints.latest_checkpoint(run_dir)
         assert latest is not None and latest.step >= before + 2
         assert f"interrupted ({signum.name}) at step {latest.step}" in err
         assert f"resume with: python -m lowvram_ft train --output {run_dir} --resume" in err
@@ -234,10 +243,10 @@ def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
     for step in steps:
         folder = run_dir / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir()
-        for name in (*checkpoint.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
+        for name in (*checkpoints.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
             (folder / name).write_text("x")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        checkpoint.mark_complete(folder, step, processes=1)
+        checkpoints.mark_complete(folder, step, processes=1)
     if finished:
         (run_dir / "summary.json").write_text("{}")
     return run_dir
@@ -294,8 +303,8 @@ def test_run_changes_allow_only_what_cannot_change_the_weights():
     same = ["eval.greedy=false", "output.overwrite=true", "output.dir=elsewhere", "train.logging_steps=5",
             "train.save_steps=50", "train.keep_checkpoints=5", "data.num_proc=2", "model.gradient_checkpointing=true",
             "train.batch_size=2", "train.gradient_accumulation_steps=4"]  # 8 x 1 -> 2 x 4: same effective batch
-    assert checkpoint.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml", same))) == []
-    changed = checkpoint.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml",
+    assert checkpoints.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml", same))) == []
+    changed = checkpoints.run_changes(saved, to_dict(load_config(ROOT / "configs/embedded.yaml",
                                                                 ["train.batch_size=4", "train.max_steps=10", "lora.r=8"])))
     assert [line.split(":")[0] for line in changed] == ["lora.r", "train.batch_size", "train.max_steps"]
 
@@ -304,39 +313,39 @@ def test_incomplete_and_unmarked_checkpoints_are_ignored(tmp_path):
     run_dir = fake_run(tmp_path, steps=(4, 8, 12, 16))
     (run_dir / "checkpoints" / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 1')  # cut short
     (run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 7}')  # not step 8
-    (run_dir / "checkpoints" / "checkpoint-16" / checkpoint.STATE_FILE).unlink()  # killed before its mark
-    complete, broken = checkpoint.list_checkpoints(run_dir)
+    (run_dir / "checkpoints" / "checkpoint-16" / checkpoints.STATE_FILE).unlink()  # killed before its mark
+    complete, broken = checkpoints.list_checkpoints(run_dir)
     assert [c.step for c in complete] == [4]
     assert sorted(p.name for p in broken) == ["checkpoint-12", "checkpoint-16", "checkpoint-8"]
-    assert checkpoint.resume_point(run_dir).step == 4
+    assert checkpoints.resume_point(run_dir).step == 4
 
 
 def test_rewind_metrics_drops_later_steps_and_a_line_cut_by_a_kill(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
-    kept = checkpoint.rewind_metrics(path, 4)
+    kept = checkpoints.rewind_metrics(path, 4)
     assert [r["step"] for r in kept] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_disk_space_is_checked_before_anything_is_written(tmp_path, monkeypatch):
-    with pytest.raises(checkpoint.DiskSpaceError, match=r"not enough free disk space for the adapter: needs about"):
-        checkpoint.check_free_space(tmp_path, 10**15, "the adapter")  # a petabyte
-    checkpoint.check_free_space(tmp_path, 1000, "the adapter")
+    with pytest.raises(run_state.DiskSpaceError, match=r"not enough free disk space for the adapter: needs about"):
+        run_state.check_free_space(tmp_path, 10**15, "the adapter")  # a petabyte
+    run_state.check_free_space(tmp_path, 1000, "the adapter")
 
     import torch
 
     model = torch.nn.Linear(100, 10)  # 1,010 trainable float32 weights
     model.bias.requires_grad_(False)
-    assert checkpoint.adapter_bytes(model) == 4000
-    assert checkpoint.save_sizes(model, "adamw_torch") == (4000, 4000 + 2 * 4 * 1000)
-    assert checkpoint.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
+    assert run_state.adapter_bytes(model) == 4000
+    assert run_state.save_sizes(model, "adamw_torch") == (4000, 4000 + 2 * 4 * 1000)
+    assert run_state.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
 
 
 @pytest.mark.slow
 def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_path):
     run_dir = tmp_path / "run"
-    proc = train(run_dir, *SHORT, fault="nospace")
+    proc = train(run_dir, *SHORT, python=FULL_DISK)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
     assert "not enough free disk space for 3 checkpoints and the adapter" in line and "0.00 GiB free" in line
@@ -345,16 +354,16 @@ def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_pa
 
 def test_out_of_memory_message_names_the_phase_and_the_planner_advice():
     cfg = load_config(ROOT / "configs/gpt-oss-20b.yaml")
-    run = checkpoint.RunState(cfg)
+    run = run_state.RunState(cfg)
     run.phase = "load"
-    error = checkpoint.out_of_memory(run, MemoryError())
+    error = run_state.out_of_memory(run, MemoryError())
     assert str(error).startswith("out of memory while loading the model (MemoryError)")
     assert "the planner predicts a peak of" in str(error)
     run.phase, run.run_dir = "eval", Path("runs/x")
-    error = checkpoint.out_of_memory(run, MemoryError())
+    error = run_state.out_of_memory(run, MemoryError())
     assert str(error).startswith("out of memory during the evaluation (MemoryError)")
     assert "the trained adapter is saved in runs/x/adapter: evaluate it with `python -m lowvram_ft eval --run runs/x`" in str(error)
-    assert not checkpoint.is_out_of_memory(RuntimeError("could not load"))
+    assert not is_out_of_memory(RuntimeError("could not load"))
     wrapped = RuntimeError("could not load")
     wrapped.__cause__ = MemoryError()
-    assert checkpoint.is_out_of_memory(wrapped)
+    assert is_out_of_memory(wrapped)

@@ -12,7 +12,7 @@ from ..config import Config
 from ..gptoss_tokenizer import load_gptoss_tokenizer
 from ..device import Device
 from ..model import expert_target_parameters
-from ..train import sft_config_kwargs
+from ..train.trainer import sft_config_kwargs
 from .matrix import Case, model_config, model_route, random_model_config
 from .models import build_in_memory
 

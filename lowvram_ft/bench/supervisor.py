@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..io import write_atomic
-from ..pipeline import versions
+from ..train.pipeline import versions
 from .matrix import CASES_DIR, DEFAULT_MATRIX, BenchError, BudgetSearch, Case, Matrix, read_json, read_matrix
 from .metrics import failure_record, longest_seq, peak_bf16_flops, predicted_peak_gib, summarize
 from .models import ModelStore

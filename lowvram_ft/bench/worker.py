@@ -25,7 +25,7 @@ from ..memory import FIELDS, MemoryMonitor, peak_figures, reset_peaks, rss_reade
 from ..device import detect_device, emulated_card_fraction
 from ..model import (add_lora, import_unsloth, load_bits, load_model,
                      trainable_parameters)
-from ..train import build_trainer
+from ..train.trainer import build_trainer
 from .baselines import hf_trainer, load_hf
 from .dataset import benchmark_dataset
 from .inspection import PerExpertCalls, adapter_dtypes, compute_path

@@ -114,7 +114,7 @@ def test_auto_changes_only_what_keeps_the_trained_model_the_same():
 
 
 def test_auto_applied_changes_reach_the_config_and_the_rest_stays():
-    from lowvram_ft.pipeline import apply_overrides
+    from lowvram_ft.train.pipeline import apply_overrides
 
     cfg = gpt_oss("train.batch_size=4", "train.gradient_accumulation_steps=2", "lora.r=16")
     decision = plan.decide_fit(cfg, 16.0)
@@ -144,7 +144,7 @@ def test_inputs_go_to_the_compute_device_not_the_first_parameter():
     import torch
 
     from lowvram_ft.model import input_device
-    from lowvram_ft.pipeline import probe_logits
+    from lowvram_ft.train.pipeline import probe_logits
 
     class Offloaded(torch.nn.Module):
         def __init__(self):

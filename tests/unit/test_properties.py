@@ -15,7 +15,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowvram_ft import cli, pipeline
+from lowvram_ft import cli
+from lowvram_ft.train import pipeline
 from lowvram_ft.config import GROUPS, ConfigError, describe_fields, load_config
 from lowvram_ft.data import SHAPES, DataError, check_data, load_data
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 from lowvram_ft.config import load_config
 from lowvram_ft.device import Device
-from lowvram_ft.train import (TrackingError, check_trackers, missing_trackers, sft_config_kwargs,
+from lowvram_ft.train.trainer import (TrackingError, check_trackers, missing_trackers, sft_config_kwargs,
                               tracker_environment)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -91,7 +91,7 @@ def progress_step(tmp_path: Path, main: bool) -> dict:
     from rich.console import Console
     from transformers import TrainerState
 
-    from lowvram_ft.train import make_progress_callback
+    from lowvram_ft.train.trainer import make_progress_callback
 
     progress = make_progress_callback(tmp_path, CPU, Console(quiet=True))
     state = TrainerState(global_step=1, max_steps=10, is_world_process_zero=main)

@@ -67,7 +67,7 @@ def shared_run_dir(procs: Processes, prepare: Callable[[], Path]) -> Path:
     error in the main process is raised in all of them, so none waits forever."""
     if not procs.several:
         return prepare()
-    from .model import import_unsloth
+    from ..model import import_unsloth
 
     import_unsloth()  # before accelerate: Unsloth patches the Hugging Face stack when it is imported first
     import torch
@@ -109,3 +109,11 @@ def wait_for_everyone(procs: Processes) -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def wait_for_every_process() -> None:
+    """A barrier when several processes train (accelerate launch / torchrun), else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

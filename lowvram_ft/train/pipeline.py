@@ -2,7 +2,7 @@
 
 resolve run folder (or the checkpoint to resume) → read data → decide device → load model → add LoRA →
 tokenize → train (checkpoints) → save → evaluate (base vs tuned) → report. Each step is one call whose
-result feeds the next. `train` adds what makes a run survive (checkpoint.py): Ctrl-C / SIGTERM finish
+result feeds the next. `train` adds what makes a run survive (run_state.py): Ctrl-C / SIGTERM finish
 the step and checkpoint, out of memory becomes advice, a failed new run leaves no folder behind.
 """
 from __future__ import annotations
@@ -13,14 +13,25 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .errors import UserError
-from . import folders
-from .config import EMBEDDED_MODELS, Config, to_yaml
-from .io import write_atomic as write_text_atomic, write_json as write_json_atomic
-from .device import detect_device
-from .memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
-from .model import input_device
-from .terminal import log
+from .. import folders
+from .. import model as models
+from ..data import load_data, tokenize_data
+from ..errors import UserError, is_out_of_memory
+from ..evaluate import evaluate_model
+from ..config import EMBEDDED_MODELS, Config, ConfigError, load_config, parse_override, to_dict, to_yaml
+from ..io import write_atomic as write_text_atomic, write_json as write_json_atomic
+from ..device import detect_device
+from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
+from ..model import input_device
+from ..plan import decide_fit
+from ..terminal import log
+from ..testing.faults import fault_callbacks
+from . import checkpoints, run_state
+from .checkpoints import describe_unfinished, resume_point
+from .distributed import as_prepared, max_over_processes, processes, shared_run_dir
+from .run_state import adapter_bytes, check_free_space
+from .trainer import (build_trainer, check_trackers, compute_dtype, make_progress_callback, optimizer_name,
+                      packing_decision, point_trackers_at)
 
 
 class RunDirError(UserError, RuntimeError):
@@ -30,18 +41,16 @@ class RunDirError(UserError, RuntimeError):
 def train(cfg: Config, *, force: bool = False, resume: bool = False, console=None) -> Path:
     """Run one fine-tuning job end to end, or continue it from its newest complete checkpoint (resume);
     returns the run folder. Ctrl-C / SIGTERM stop after the current step with a checkpoint
-    (checkpoint.Interrupted); out of memory becomes advice (checkpoint.OutOfMemory); a new run that
+    (run_state.Interrupted); out of memory becomes advice (run_state.OutOfMemory); a new run that
     fails before its first checkpoint leaves no folder behind."""
-    from . import checkpoint
-
-    run = checkpoint.RunState(cfg)
+    run = run_state.RunState(cfg)
     run.install_signal_handlers()
     try:
         return run_training(cfg, run, force=force, resume=resume, console=console)
     except BaseException as error:
         run.clean_up()
-        if checkpoint.is_out_of_memory(error):
-            raise checkpoint.out_of_memory(run, error) from None
+        if is_out_of_memory(error):
+            raise run_state.out_of_memory(run, error) from None
         raise
     finally:
         run.restore_signal_handlers()
@@ -59,15 +68,8 @@ def end_process_group() -> None:
 
 
 def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -> Path:
-    """The story of one run; `run` (checkpoint.RunState) follows its phase and step."""
+    """The story of one run; `run` (run_state.RunState) follows its phase and step."""
     from rich.console import Console
-
-    from . import checkpoint
-    from . import model as models
-    from .data import load_data, tokenize_data
-    from .distributed import as_prepared, max_over_processes, processes, shared_run_dir
-    from .train import (build_trainer, check_trackers, compute_dtype, make_progress_callback, optimizer_name,
-                        packing_decision, point_trackers_at)
 
     procs = processes()  # under accelerate launch / torchrun only the main process writes and prints
     # soft_wrap: one line per step whatever the terminal (a pipe would otherwise wrap at 80 columns)
@@ -76,8 +78,8 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     check_trackers(cfg.output.report_to)  # a missing optional tracker fails before anything is written
     run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, run, resume=resume)), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
-    resume_from = checkpoint.resume_point(run_dir) if resume else None
-    history = (checkpoint.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step)
+    resume_from = checkpoints.resume_point(run_dir) if resume else None
+    history = (checkpoints.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step)
                if resume_from and procs.main else [])
     if resume_from:
         log(console, "resume", describe_resume(run_dir, resume_from))
@@ -102,7 +104,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     counts = models.trainable_parameters(model)
     models.check_trainable(counts, cfg, is_moe=getattr(model.config, "model_type", "") == "gpt_oss")
     log(console, "lora", format_counts(counts))
-    checkpoint.check_run_space(run, model, optimizer_name(cfg, device))
+    run_state.check_run_space(run, model, optimizer_name(cfg, device))
 
     tokenized = tokenize_data(data.train, tokenizer, cfg)
     log(console, "data", format_data_stats(data.stats, tokenized.stats))
@@ -114,7 +116,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     progress = make_progress_callback(run_dir, device, console, history=history, monitor=monitor)
     point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
-                            [progress, checkpoint.make_run_callback(run)], packing=packing)
+                            [*fault_callbacks(), progress, run_state.make_run_callback(run)], packing=packing)
     kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
     if procs.sharded and not as_prepared(procs, kind).sharded:
         log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
@@ -161,11 +163,6 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
 
 def evaluate_run(model, tokenizer, cfg: Config, data, run_dir: Path, console) -> None:
     """Base (adapter off) vs tuned (adapter on), same prompts and seeds; report in the run folder."""
-    try:
-        from .evaluate import evaluate_model
-    except ImportError:
-        log(console, "eval", "skipped: the evaluation module is not available in this build")
-        return
     evaluate_model(model, tokenizer, cfg, run_dir, heldout=data.heldout, console=console)
 
 
@@ -182,8 +179,6 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
     never used (folders.py); a finished or unfinished run of ours is replaced only with --overwrite, and
     then only once the new run has its first checkpoint or has finished (`run.replacement`). With
     resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
-    from .checkpoint import describe_unfinished, resume_point
-
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file — pass a folder to --output")
@@ -219,8 +214,6 @@ def check_fit(cfg: Config, device, force: bool, console) -> Config:
     overrides). An uncalibrated estimate only warns."""
     if device.kind != "cuda" or device.total_gib is None:
         return cfg
-    from .plan import decide_fit
-
     decision = decide_fit(cfg, device.total_gib, bf16=device.bf16)
     if decision is None:
         return cfg
@@ -237,8 +230,6 @@ def check_fit(cfg: Config, device, force: bool, console) -> Config:
 
 def apply_overrides(cfg: Config, overrides) -> Config:
     """`cfg` with `group.key=value` overrides applied, validated like the command line."""
-    from .config import ConfigError, load_config, parse_override, to_dict
-
     tree, problems = to_dict(cfg), []
     for item in overrides:
         key, value = parse_override(item, problems)
@@ -255,8 +246,6 @@ def apply_overrides(cfg: Config, overrides) -> Config:
 def save_adapter(model, tokenizer, run_dir: Path) -> Path:
     """Adapter (safetensors) + tokenizer into run_dir/adapter, written under a temporary name first,
     after checking that the disk has room for it."""
-    from .checkpoint import adapter_bytes, check_free_space
-
     check_free_space(run_dir, adapter_bytes(model), "the adapter")
     final = run_dir / "adapter"
     staging = run_dir / ".adapter.partial"

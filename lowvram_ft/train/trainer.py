@@ -12,11 +12,11 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .config import Config
-from .memory import headline_gib, peak_figures
-from .device import Device
-from .plan import NO_PACKING_MODEL_TYPES
+from ..errors import UserError
+from ..config import Config
+from ..memory import headline_gib, peak_figures
+from ..device import Device
+from ..plan import NO_PACKING_MODEL_TYPES
 
 # output.report_to -> the packages its Trainer callback imports (any one of them will do).
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
@@ -87,7 +87,7 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing:
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
-        save_total_limit=None,  # rotation is ours, among complete checkpoints (checkpoint.keep_newest)
+        save_total_limit=None,  # rotation is ours, among complete checkpoints (checkpoints.keep_newest)
         include_num_input_tokens_seen="non_padding",  # trained tokens, saved in trainer_state.json and resumed
         report_to=trackers or "none",
         run_name=Path(checkpoint_dir).parent.name,  # the run folder's name in TensorBoard / MLflow / W&B
@@ -105,7 +105,7 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing:
 def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, run_dir: Path, callbacks=(),
                   packing: bool | None = None):
     """An SFTTrainer over the pre-tokenized dataset (input_ids + labels, masks already applied), whose
-    checkpoints are marked complete by checkpoint.make_run_callback (public callback API only)."""
+    checkpoints are marked complete by run_state.make_run_callback (public callback API only)."""
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**sft_config_kwargs(cfg, device, str(run_dir / "checkpoints"), packing))
