@@ -23,8 +23,11 @@ $(STAMP): requirements.lock pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# The embedded gpt-oss demo; MODEL=qwen3 trains the dense one (configs/embedded-qwen3.yaml, runs/demo-qwen3).
+MODEL ?=
 demo: venv
-	$(BIN)/python -m lowvram_ft train --config configs/embedded.yaml --output runs/demo --overwrite
+	$(BIN)/python -m lowvram_ft train --config configs/embedded$(if $(MODEL),-$(MODEL)).yaml \
+		--output runs/demo$(if $(MODEL),-$(MODEL)) --overwrite
 
 test: venv
 	$(BIN)/python -m pytest -q

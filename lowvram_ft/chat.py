@@ -125,10 +125,8 @@ class StreamView:
     def parse(self, text: str):
         from .evaluate import parse_output
 
-        if not self.harmony and text.lstrip().startswith("<think>") and "</think>" not in text:
-            from .scoring import Parsed
-
-            return Parsed(text.lstrip()[len("<think>"):].strip(), None, True, True)  # still thinking
+        # Still inside <think>, the evaluation's parser already returns the reasoning so far, without the
+        # end-of-turn token a model may write before closing the tag.
         return parse_output(text, stopped=False, harmony=self.harmony)
 
 

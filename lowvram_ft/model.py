@@ -250,6 +250,11 @@ def add_lora(model, cfg: Config):
     experts = expert_target_parameters(model, lora.target_modules)
     if experts:
         kwargs["target_parameters"] = experts
+    if ties_trained_embeddings(model, lora.modules_to_save):
+        # One trained matrix for a tied pair on every device: Unsloth's GPU path turns this on by itself
+        # when both names are listed, its CPU path never does (two diverging copies, and a merge that
+        # keeps only one). PEFT then trains embed_tokens and ties lm_head to it.
+        kwargs["ensure_weight_tying"] = True
     return unsloth.FastLanguageModel.get_peft_model(
         model,
         r=lora.r,
@@ -263,6 +268,13 @@ def add_lora(model, cfg: Config):
         max_seq_length=cfg.model.max_seq_length,
         **kwargs,
     )
+
+
+def ties_trained_embeddings(model, modules_to_save: list[str]) -> bool:
+    """Whether the model ties lm_head to embed_tokens (small Qwen3, Gemma) and the input embedding is
+    trained in full. With lm_head alone Unsloth's GPU path does not tie, so neither do we: the trainable
+    set must not depend on the device."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and "embed_tokens" in modules_to_save
 
 
 def trainable_parameters(model) -> dict[str, int]:

@@ -111,6 +111,10 @@ def test_stream_view_for_think_tags_shows_thinking_before_the_answer():
     assert view.update("<think>Let me") == [("analysis", "Let me")]
     assert view.update("<think>Let me see</think>") == [("analysis", " see")]
     assert view.update("<think>Let me see</think>It is 4.") == [("final", "It is 4.")]
+    # A turn that ends inside <think> (a small model does): the end-of-turn token is not shown.
+    view = StreamView(harmony=False)
+    assert view.update("<think>Hmm") == [("analysis", "Hmm")]
+    assert view.update("<think>Hmm, so 5.<|im_end|>") == [("analysis", ", so 5.")]
 
 
 def test_streamer_decodes_tokens_as_they_come_skipping_the_prompt(tokenizer):

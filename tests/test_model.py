@@ -14,6 +14,7 @@ from lowvram_ft.model import (
     looks_like_path,
     parameter_group,
     resolve_model_path,
+    ties_trained_embeddings,
 )
 
 CPU = Device("cpu", "cpu", None, False, "test")
@@ -135,3 +136,14 @@ def test_expert_parameters_follow_the_requested_projections():
     assert expert_target_parameters(model, ["q_proj", "v_proj"]) == []
     dense = torch.nn.Linear(4, 4)
     assert expert_target_parameters(dense, ["gate_proj", "down_proj"]) == []
+
+
+def test_a_tied_pair_is_kept_tied_only_when_the_input_embedding_trains():
+    from types import SimpleNamespace
+
+    tied, untied = (SimpleNamespace(config=SimpleNamespace(tie_word_embeddings=t)) for t in (True, False))
+    assert ties_trained_embeddings(tied, ["embed_tokens", "lm_head"])
+    assert ties_trained_embeddings(tied, ["embed_tokens"])
+    assert not ties_trained_embeddings(tied, ["lm_head"])  # as Unsloth's GPU path: nothing to tie it to
+    assert not ties_trained_embeddings(tied, [])
+    assert not ties_trained_embeddings(untied, ["embed_tokens", "lm_head"])  # Qwen3-8B, gpt-oss

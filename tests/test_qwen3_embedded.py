@@ -202,15 +202,18 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def qwen3_run(tmp_path_factory):
-    """One `make demo`-style run of configs/embedded-qwen3.yaml, exported as a LoRA adapter."""
+    """One `make demo`-style run of configs/embedded-qwen3.yaml, exported as a LoRA adapter and as a
+    merged 16-bit model."""
     run_dir = tmp_path_factory.mktemp("qwen3") / "run"
     started = time.perf_counter()
     proc = cli("train", "--config", CONFIG, "--output", str(run_dir), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seconds = time.perf_counter() - started
-    export = cli("export", "--run", str(run_dir), "--format", "lora")
-    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
-    return {"dir": run_dir, "stdout": proc.stdout, "seconds": seconds, "lora": run_dir / "export" / "lora"}
+    for fmt in ("lora", "merged-16bit"):
+        export = cli("export", "--run", str(run_dir), "--format", fmt)
+        assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    return {"dir": run_dir, "stdout": proc.stdout, "seconds": seconds, "lora": run_dir / "export" / "lora",
+            "merged": run_dir / "export" / "merged-16bit"}
 
 
 @pytest.mark.slow
@@ -223,7 +226,8 @@ def test_loss_falls(qwen3_run):
 
 
 @pytest.mark.slow
-def test_lora_moved_attention_and_mlp_and_trained_the_embeddings(qwen3_run):
+def test_lora_moved_attention_and_mlp_and_trained_the_tied_embeddings_as_one(qwen3_run):
+    import torch
     from safetensors.torch import load_file
 
     tensors = load_file(str(qwen3_run["dir"] / "adapter" / "adapter_model.safetensors"))
@@ -232,8 +236,15 @@ def test_lora_moved_attention_and_mlp_and_trained_the_embeddings(qwen3_run):
         assert lora_b, projection
         # LoRA B starts at exactly zero: non-zero means training changed the projection's weights.
         assert all(float(v.abs().max()) > 1e-4 for v in lora_b), projection
-    # The embeddings train in full (modules_to_save) and are saved with the adapter.
-    assert any(k.endswith("embed_tokens.weight") for k in tensors), sorted(tensors)[:5]
+    # The embeddings train in full (modules_to_save) and are saved with the adapter ...
+    embed = [v for k, v in tensors.items() if k.endswith("embed_tokens.weight")]
+    assert len(embed) == 1, sorted(tensors)[:5]
+    base = load_file(str(embedded_model_dir("embedded-qwen3") / "model.safetensors"))["model.embed_tokens.weight"]
+    assert (embed[0].float() - base.float()).abs().max() > 0.1, "the embeddings were trained"
+    # ... as one matrix, as Qwen3-0.6B ties them: lm_head, where PEFT saves it at all, is that matrix.
+    assert all(torch.equal(v, embed[0]) for k, v in tensors.items() if k.endswith("lm_head.weight"))
+    adapter_config = json.loads((qwen3_run["dir"] / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["ensure_weight_tying"] is True
 
 
 @pytest.mark.slow
@@ -255,34 +266,50 @@ def test_tuned_model_reasons_in_the_requested_language(qwen3_run):
 
 
 @pytest.mark.slow
-def test_lora_export_reloads_without_unsloth_with_the_trained_logits(qwen3_run):
-    """Plain transformers + PEFT, in a process that never imports Unsloth, on `export --format lora`."""
-    lora, summary_path = str(qwen3_run["lora"]), str(qwen3_run["dir"] / "summary.json")
+def test_exports_reload_without_unsloth_tied_and_with_the_trained_logits(qwen3_run):
+    """`export --format lora` with plain PEFT and `--format merged-16bit` with plain transformers, in a
+    process that never imports Unsloth: both keep the embeddings tied and reproduce the logits the
+    trained model gave at the end of training (summary.json's probe)."""
     code = f"""
 import json, sys, torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
-lora = {lora!r}
-summary = json.load(open({summary_path!r}))
+lora, merged = {str(qwen3_run["lora"])!r}, {str(qwen3_run["merged"])!r}
+summary = json.load(open({str(qwen3_run["dir"] / "summary.json")!r}))
 base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
-tok = AutoTokenizer.from_pretrained(lora)
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora).eval()
 probe = summary["reload_probe"]
-ids = tok(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
-with torch.inference_mode():
-    logits = model(input_ids=ids).logits[0, -1].float()
+ids = AutoTokenizer.from_pretrained(lora)(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+models = {{"lora": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora),
+          "merged": AutoModelForCausalLM.from_pretrained(merged)}}
+result = {{"ids": probe["top_ids"], "want": probe["top_logits"], "merged_dtype": str(models["merged"].dtype).removeprefix("torch."),
+          "merged_keys": sorted(load_file(merged + "/model.safetensors"))}}
+for name, model in models.items():
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=ids).logits[0, -1].float()
+    result[name] = {{"got": logits[probe["top_ids"]].tolist(), "top": int(logits.argmax()),
+                    "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()}}
+result["merged_config_ties"] = models["merged"].config.tie_word_embeddings
 assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
-print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": logits[probe["top_ids"]].tolist(),
-                   "top": torch.topk(logits, len(probe["top_ids"])).indices.tolist()}}))
+print(json.dumps(result))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((qwen3_run["dir"] / "summary.json").read_text())
-    # fp32: the same computation up to thread-order rounding; bf16: a few bf16 roundings of the logits.
-    atol = precision_atol(summary["compute_dtype"], max(abs(v) for v in result["want"]), floor=1e-3)
-    assert result["got"] == pytest.approx(result["want"], abs=atol)
-    assert result["top"][0] == result["ids"][0]
+    magnitude = max(abs(v) for v in result["want"])
+    # lora: the same weights, a few roundings of the compute dtype apart (fp32: thread order only).
+    # merged: each merged weight rounded once more to 16 bits, then computed in 16 bits.
+    tolerances = {"lora": precision_atol(summary["compute_dtype"], magnitude, floor=1e-3),
+                  "merged": precision_atol(result["merged_dtype"], magnitude, floor=1e-3)}
+    for name, atol in tolerances.items():
+        assert result[name]["got"] == pytest.approx(result["want"], abs=atol), name
+        assert result[name]["top"] == result["ids"][0], name
+        assert result[name]["tied"], f"{name}: lm_head is not the input embedding"
+    assert result["merged_dtype"] in ("bfloat16", "float16")
+    # One stored copy: the merged checkpoint ties lm_head to the trained embedding, as Qwen3-0.6B's does.
+    assert result["merged_config_ties"] is True and "lm_head.weight" not in result["merged_keys"]
+    assert "model.embed_tokens.weight" in result["merged_keys"]
 
 
 @pytest.mark.slow
@@ -307,3 +334,27 @@ def test_generate_json_separates_reasoning_from_answer(qwen3_run):
             complete.append(answer)
             break
     assert complete, "no question was answered with reasoning and a final answer"
+
+
+@pytest.mark.slow
+def test_chat_shows_the_thinking_apart_and_forgets_it_in_the_next_prompt(qwen3_run, tokenizer):
+    """A scripted `chat` with the trained run: each answer is shown as 'thinking:' then 'assistant:'
+    with the <think> tags parsed away, and the second prompt is what Qwen3's template renders for the
+    conversation so far — the first answer without its reasoning."""
+    first, second = "Convert 47 centimetres to inches.", "And 12 centimetres?"
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(qwen3_run["dir"]),
+                           "--reasoning-language", "French", "--temperature", "0", "--max-new-tokens", "160",
+                           "--show-prompt"], input=f"{first}\n{second}\n/exit\n", cwd=ROOT,
+                          env={**ENV, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = [json.loads(line.split("prompt: ", 1)[1]) for line in proc.stdout.splitlines() if "prompt: " in line]
+    system = {"role": "system", "content": "reasoning language: French"}
+    assert prompts[0] == tokenizer.apply_chat_template([system, {"role": "user", "content": first}],
+                                                       add_generation_prompt=True, tokenize=False)
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith(
+        f"<|im_start|>user\n{second}<|im_end|>\n<|im_start|>assistant\n")
+    assert "<think>" not in prompts[1], "an earlier turn's reasoning stays out of the prompt"
+    shown = "\n".join(line for line in proc.stdout.splitlines() if "prompt: " not in line)
+    assert shown.count("thinking: ") == 2 and shown.count("tokens/s") == 2
+    for tag in ("<think>", "</think>", "<|im_end|>"):
+        assert tag not in shown, tag

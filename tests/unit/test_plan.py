@@ -426,6 +426,20 @@ def test_calibrate_makes_the_prediction_match_a_measurement(gpt_oss_20b, monkeyp
     assert one == {"layer_recompute": pytest.approx(2.0)}
 
 
+def test_plan_of_the_shipped_qwen3_8b_config_works_offline_and_matches_its_header():
+    """`plan --config configs/qwen3-8b.yaml` sizes the real Qwen3-8B from the bundled config.json, with the
+    Hub offline, and predicts the peak the config's header promises."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "plan", "--config", "configs/qwen3-8b.yaml", "--vram", "16"],
+                          cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "for qwen3, 8.19B parameters" in proc.stdout and "4-bit weights, LoRA r=16" in proc.stdout
+    assert "fits in 16.00 GiB as configured" in proc.stdout
+    peak = float(re.search(r"estimated peak\s+([\d.]+)", proc.stdout).group(1))
+    header = float(re.search(r"peak VRAM: ([\d.]+) GiB", (root / "configs" / "qwen3-8b.yaml").read_text()).group(1))
+    assert peak == pytest.approx(header, abs=0.05)
+
+
 def test_planning_imports_no_torch():
     code = "import sys, lowvram_ft.plan; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
