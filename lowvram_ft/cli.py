@@ -11,7 +11,8 @@ import sys
 
 from .config import ConfigError, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
-from . import chat, data, evaluate, export, plan, report, scoring
+from . import chat, data, evaluate, export, plan
+from .evaluate import report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
 from .train import pipeline

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL
+from .harmony import chat_template
 
 ASSETS = Path(__file__).parent / "assets"
 TEMPLATES = ASSETS / "chat_templates"
@@ -91,8 +92,6 @@ class Recipe:
 
     def chat_template(self) -> str:
         if self.template == "harmony":
-            from .harmony import chat_template
-
             return chat_template()
         return (TEMPLATES / self.template).read_text(encoding="utf-8")
 

@@ -16,9 +16,12 @@ from pathlib import Path
 from .errors import UserError
 from .device import detect_device
 from .io import GIB
-from . import embedded, folders
-from .config import EMBEDDED_MODELS
+from . import embedded, folders, model as models
+from .config import EMBEDDED_MODELS, to_yaml
 from .terminal import log
+from .evaluate import run_config
+from .model import load_bits, load_model, looks_like_path
+from .plan import count_parameters, model_config_for, PlanError
 
 FORMATS = ("lora", "merged-16bit", "merged-4bit", "mxfp4", "gguf")
 # Our format name -> Unsloth's save_method. "merged_4bit" alone is refused by Unsloth as a guard against
@@ -56,8 +59,6 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     """Write RUN's adapter in `fmt` to `out` (default RUN/export/FMT), with README.md; returns the folder."""
     from rich.console import Console
 
-    from . import model as models
-    from .evaluate import run_config
     console = console or Console(highlight=False, soft_wrap=True, stderr=True)
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, [])
@@ -277,7 +278,6 @@ def check_resources(fmt: str, cfg, device, adapter: Path, out: Path, console) ->
     if parameters is None:
         log(console, "check", "model size unknown (no config.json to count parameters): memory and disk not checked")
         return
-    from .model import load_bits
 
     bits = load_bits(cfg, device)
     weight_bytes = {"4bit": 0.55, "8bit": 1.05}.get(bits, 2 if device.kind == "cuda" or device.bf16 else 4)
@@ -295,8 +295,6 @@ def check_resources(fmt: str, cfg, device, adapter: Path, out: Path, console) ->
 
 def base_parameters(name: str, adapter: Path) -> int | None:
     """Parameter count of the base model from its config.json (the planner's exact count), or None."""
-    from .plan import PlanError, count_parameters, model_config_for
-
     base = name
     config = read_json(adapter / "adapter_config.json")
     if name != "embedded" and config.get("base_model_name_or_path"):
@@ -319,8 +317,6 @@ def free_vram() -> float:
 def load_run_model(cfg, device, adapter: Path):
     """Base model + the run's adapter, through Unsloth (which attaches its savers to the model)."""
     import dataclasses
-
-    from .model import load_model
 
     return load_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(adapter))), device)
 
@@ -367,8 +363,6 @@ def upload(folder: Path, repo: str, token: str, private: bool) -> str:
 def model_card(cfg, summary: dict, eval_md: str | None, fmt: str, run_dir: Path) -> str:
     """README.md for an export: base model, data and licences, training summary, the before/after
     reasoning-language table (when the run has one), the resolved config and how to reproduce it."""
-    from .config import to_yaml
-
     base = describe_base(cfg.model.name)
     datasets = [dataset_license(d) for d in cfg.data.dataset]
     lines = front_matter(cfg.model.name, fmt, [d for d in cfg.data.dataset if looks_like_hub_id(d)])
@@ -447,8 +441,6 @@ def dataset_license(source: str) -> tuple[str, str]:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    from .model import looks_like_path
-
     return name.count("/") == 1 and not looks_like_path(name) and not Path(name).exists()
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from .device import Device
 from .errors import UserError, is_out_of_memory
 from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
+from .embedded import embedded_model_dir
+from .gptoss_tokenizer import load_gptoss_tokenizer
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -83,8 +85,6 @@ def resolve_model_path(name: str) -> str:
     """A local folder, the embedded model's folder, or the Hub id unchanged. Raises ModelError for a
     path that does not exist (a typo should not turn into a Hub lookup)."""
     if name in EMBEDDED_MODELS:
-        from .embedded import embedded_model_dir
-
         return str(embedded_model_dir(name))
     path = Path(os.path.expanduser(name))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir():
@@ -140,8 +140,6 @@ def load_model(cfg: Config, device: Device):
     except Exception as error:  # noqa: BLE001 — translated into one actionable line
         raise explain_load_error(cfg.model.name, error) from error
     if cfg.model.tokenizer == "gpt-oss":
-        from .gptoss_tokenizer import load_gptoss_tokenizer
-
         tokenizer = load_gptoss_tokenizer()
     elif cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
@@ -151,8 +149,6 @@ def load_model(cfg: Config, device: Device):
 def load_tokenizer(name: str):
     """A tokenizer by name: 'gpt-oss' (offline o200k_harmony), 'embedded', a folder or a Hub id."""
     if name == "gpt-oss":
-        from .gptoss_tokenizer import load_gptoss_tokenizer
-
         return load_gptoss_tokenizer()
     from transformers import AutoTokenizer
 

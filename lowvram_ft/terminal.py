@@ -14,3 +14,17 @@ def say(console, line: str) -> None:
 def log(console, step: str, message: str) -> None:
     """One greppable line per step: `[lowvram_ft] step: message`."""
     say(console, f"[lowvram_ft] {step}: {message}")
+
+
+def print_table(headers: list[str], cells: list[list[str]], title: str, console=None) -> None:
+    """A titled table, the first column left-aligned and never wrapped, the figures right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    table = Table(title=title, title_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)

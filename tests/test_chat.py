@@ -205,7 +205,7 @@ def test_generate_json_prints_one_object_with_analysis_and_final(run):
 
 def test_temperature_zero_means_greedy_decoding():
     from lowvram_ft.config import EvalConfig
-    from lowvram_ft.evaluate import sampling_kwargs
+    from lowvram_ft.evaluate.generation import sampling_kwargs
 
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     assert sampling_kwargs(EvalConfig(greedy=False, temperature=0.0, top_p=0.9, top_k=20)) == greedy

@@ -88,7 +88,8 @@ def logits(request, tmp_path_factory):
         from pathlib import Path
         from lowvram_ft.device import detect_device
         from lowvram_ft.model import import_unsloth, load_model
-        from lowvram_ft.evaluate import run_config, attach_adapter
+        from lowvram_ft.evaluate import run_config
+        from lowvram_ft.evaluate.generation import attach_adapter
         import_unsloth()
         cfg = run_config(Path({str(run)!r}), [])
         model, tok = load_model(cfg, detect_device())

@@ -173,7 +173,8 @@ def test_prompt_is_the_inference_prompt_and_only_the_assistant_part_trains(case,
 
 def test_evaluation_and_chat_ask_with_the_training_prompt(tokenizer, tmp_path):
     from lowvram_ft.chat import render
-    from lowvram_ft.evaluate import Case, parse_output, render_prompts
+    from lowvram_ft.evaluate.generation import parse_output
+    from lowvram_ft.evaluate.run import Case, render_prompts
 
     cfg = load_config()
     question = Conversation((Message("user", "What is 2 + 3?"),), reasoning_language="French")

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..io import write_atomic, write_jsonl
 from .. import terminal
-from ..report import print_table
+from ..terminal import print_table
 from .matrix import STACKS, Case
 from .metrics import attention_summary, fastest, loss_max_abs_diff, parameters_text, train_memory
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
+from ..model import import_unsloth
 
 # Where launchers put the global rank and the number of processes (torchrun / accelerate, then MPI
 # launchers as accelerate reads them for multi-CPU runs).
@@ -67,7 +68,6 @@ def shared_run_dir(procs: Processes, prepare: Callable[[], Path]) -> Path:
     error in the main process is raised in all of them, so none waits forever."""
     if not procs.several:
         return prepare()
-    from ..model import import_unsloth
 
     import_unsloth()  # before accelerate: Unsloth patches the Hugging Face stack when it is imported first
     import torch

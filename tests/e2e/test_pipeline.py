@@ -128,7 +128,7 @@ def test_tuned_model_reasons_in_the_requested_language(demo):
 
 
 def test_smoke_is_the_short_evaluation_and_gates_on_think_match(demo):
-    from lowvram_ft.evaluate import SMOKE_MAX_NEW_TOKENS
+    from lowvram_ft.evaluate.run import SMOKE_MAX_NEW_TOKENS
 
     ok = subprocess.run([sys.executable, "-m", "lowvram_ft", "smoke", "--run", str(demo["dir"]),
                          "--min-think-match", "0.5"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

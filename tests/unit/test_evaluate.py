@@ -8,16 +8,8 @@ import pytest
 
 from lowvram_ft.config import load_config
 from lowvram_ft.conversation import Conversation, Message
-from lowvram_ft.evaluate import (
-    Case,
-    EvalError,
-    build_cases,
-    case_conversation,
-    cut_at_stop,
-    load_suite,
-    parse_output,
-    target_languages,
-)
+from lowvram_ft.evaluate.generation import cut_at_stop, parse_output
+from lowvram_ft.evaluate.run import Case, EvalError, build_cases, case_conversation, load_suite, target_languages
 
 
 def test_shipped_suite_has_the_required_prompts_and_languages():
@@ -90,7 +82,7 @@ def test_parse_output_harmony_and_think_tags():
 def test_parse_output_scores_qwen3_think_tags():
     """Qwen3's completions (its generation prompt ends at `<|im_start|>assistant\\n`): the reasoning in
     <think>, scored for the requested language; still thinking at the end is truncated or unparsed."""
-    from lowvram_ft.scoring import Parsed, score_sample
+    from lowvram_ft.evaluate.scoring import Parsed, score_sample
 
     reasoning = "Je vais résoudre cela étape par étape. D'abord, je convertis le temps en heures."
     answer = "The delivery van covers a distance of two hundred kilometres."
@@ -116,9 +108,9 @@ def test_missing_suite_is_an_eval_error(tmp_path):
 
 
 def test_reports_are_written_from_result_tables(tmp_path):
-    from lowvram_ft.evaluate import write_eval
-    from lowvram_ft.scoring import score_sample
-    from lowvram_ft.statistics import aggregate, compare
+    from lowvram_ft.evaluate.run import write_eval
+    from lowvram_ft.evaluate.scoring import score_sample
+    from lowvram_ft.evaluate.statistics import aggregate, compare
 
     samples = []
     for phase, analysis in (("before", None), ("after", "Je calcule d'abord la somme des deux nombres.")):

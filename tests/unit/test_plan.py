@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from lowvram_ft import plan
 from lowvram_ft.io import GIB
@@ -429,7 +430,7 @@ def test_calibrate_makes_the_prediction_match_a_measurement(gpt_oss_20b, monkeyp
 def test_plan_of_the_shipped_qwen3_8b_config_works_offline_and_matches_its_header():
     """`plan --config configs/qwen3-8b.yaml` sizes the real Qwen3-8B from the bundled config.json, with the
     Hub offline, and predicts the peak the config's header promises."""
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "plan", "--config", "configs/qwen3-8b.yaml", "--vram", "16"],
                           cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

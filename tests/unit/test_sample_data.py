@@ -269,6 +269,6 @@ def test_eval_suite(rows):
 
 
 def test_eval_suite_loads_with_project_loader():
-    evaluate = pytest.importorskip("lowvram_ft.evaluate")
+    evaluate = pytest.importorskip("lowvram_ft.evaluate.run")
     suite = evaluate.load_suite(str(SUITE))
     assert "math-quintic" in suite.smoke and len(suite.prompts) >= 9

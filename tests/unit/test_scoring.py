@@ -1,4 +1,4 @@
-"""lowvram_ft.scoring: Harmony parsing, per-sentence language identification, scores, tables.
+"""lowvram_ft.evaluate (languages, statistics, scoring, report): Harmony parsing, per-sentence language identification, scores, tables.
 
 The language-identification accuracy is measured on tests/data/langid_labelled.jsonl, a labelled set
 written for this project (sentences and whole reasoning traces in en, fr, de, es, it, ja, zh, ko).
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from lowvram_ft import languages, scoring
-from lowvram_ft.report import format_table, to_markdown
-from lowvram_ft.scoring import (
+from lowvram_ft.evaluate import languages, scoring
+from lowvram_ft.evaluate.report import format_table, to_markdown
+from lowvram_ft.evaluate.scoring import (
     Parsed,
     ScoreInputError,
     clean_for_langid,
@@ -26,7 +26,7 @@ from lowvram_ft.scoring import (
     score_sample,
     split_sentences,
 )
-from lowvram_ft.statistics import aggregate, compare, wilson_interval
+from lowvram_ft.evaluate.statistics import aggregate, compare, wilson_interval
 
 LABELLED = [json.loads(line) for line in (DATA / "langid_labelled.jsonl").read_text(encoding="utf-8").splitlines()]
 MISSION_LANGUAGES = {"en", "fr", "de", "es", "it", "ja", "zh", "ko"}
@@ -553,7 +553,7 @@ def test_module_imports_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, lowvram_ft.scoring; "
+    code = ("import sys, lowvram_ft.evaluate.scoring; "
             "print(sorted(m for m in ('py3langid', 'numpy', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -12,15 +12,20 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .config import Config, EvalConfig
-from .conversation import Conversation, Message
-from .data import chat_messages, no_chat_template, render_chat
-from .io import write_atomic, write_json
-from .model import input_device
+from ..config import Config, EvalConfig, load_config
+from ..conversation import Conversation, Message
+from ..data import load_data, tokenize_data
+from ..device import detect_device
+from ..errors import UserError
+from ..harmony import HarmonyOptions
+from ..io import write_atomic, write_json
+from ..model import import_unsloth, input_device, load_model
+from . import report
+from .generation import attach_adapter, generate, parse_output, prompt_text, ready_for_generation, uses_harmony
+from .scoring import normalize_language, score_sample
+from .statistics import aggregate, compare
 
-SUITE = Path(__file__).parent / "assets" / "eval_prompts.yaml"
-GENERATION_BATCH = 16  # prompts per generate() call: bounded so eager-attention generation stays small
+SUITE = Path(__file__).parents[1] / "assets" / "eval_prompts.yaml"
 
 
 class EvalError(UserError, RuntimeError):
@@ -81,92 +86,10 @@ def case_conversation(case: Case) -> Conversation:
     return Conversation(messages=(Message("user", case.user),), reasoning_language=case.target_language)
 
 
-# --------------------------------------------------------------------------- prompts and generation
-
-
-def uses_harmony(tokenizer) -> bool:
-    """gpt-oss-style tokenizers carry the Harmony control tokens; others use their own chat template."""
-    vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in ("<|start|>", "<|channel|>", "<|message|>"))
-
-
 def render_prompts(cases: list[Case], tokenizer, cfg: Config) -> list[str]:
     """The generation prompt of each case, by the same renderer that formats training data."""
-    if uses_harmony(tokenizer):
-        from .harmony import HarmonyOptions, render_prompt
-
-        opts = HarmonyOptions(reasoning_effort=cfg.data.reasoning_effort, date=cfg.data.date)
-        return [render_prompt(case_conversation(c), opts) for c in cases]
-    if not getattr(tokenizer, "chat_template", None):
-        raise EvalError(no_chat_template(tokenizer))
-    return [render_chat(tokenizer, chat_messages(case_conversation(c)), True) for c in cases]
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in ("<|return|>", "<|call|>") if t in vocab]
-    return ids or [tokenizer.eos_token_id]
-
-
-def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int, streamer=None) -> list[dict]:
-    """Completions (raw text with control tokens, whether a stop token ended them, new-token count).
-    Batch b is sampled under seed + b, so two calls with the same prompts and seed draw alike.
-    `streamer` (transformers' BaseStreamer interface, one prompt) receives the tokens as they come."""
-    import torch
-
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    tokenizer.padding_side = "left"
-    device = input_device(model)
-    results = []
-    for b in range(0, len(prompts), GENERATION_BATCH):
-        batch = tokenizer(prompts[b:b + GENERATION_BATCH], add_special_tokens=False, padding=True, return_tensors="pt")
-        torch.manual_seed(seed + b)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=ev.max_new_tokens, **sampling_kwargs(ev),
-                eos_token_id=stops, pad_token_id=pad, streamer=streamer,
-            )
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
-            results.append(cut_at_stop(row, stops, pad, tokenizer))
-    return results
-
-
-def sampling_kwargs(ev: EvalConfig) -> dict:
-    """The sampling settings as generate() keyword arguments. Temperature 0 is greedy decoding (the
-    limit of sampling as the temperature falls), which transformers wants as do_sample=False."""
-    if ev.greedy or ev.temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": ev.temperature, "top_p": ev.top_p, "top_k": ev.top_k}
-
-
-def cut_at_stop(ids: list[int], stops: list[int], pad: int, tokenizer) -> dict:
-    """Decode new tokens up to and including the first stop token (padding after it removed)."""
-    end = next((i for i, t in enumerate(ids) if t in stops), None)
-    kept = ids[: end + 1] if end is not None else [t for t in ids if t != pad] if pad not in stops else ids
-    return {"completion": tokenizer.decode(kept, skip_special_tokens=False), "stopped": end is not None,
-            "new_tokens": len(kept)}
-
-
-def parse_output(text: str, stopped: bool, harmony: bool):
-    """Split a completion into analysis and final: Harmony channels, or <think> tags for other models
-    (Qwen3, DeepSeek-R1: `<think>reasoning</think>answer`; the opening tag may sit in the prompt).
-    A completion still inside <think> is truncated when the token limit cut it, unparsed when the
-    model ended its turn there without an answer; one without tags is an answer without reasoning."""
-    from .scoring import Parsed, parse_completion
-
-    if harmony:
-        return parse_completion(text, stopped=not stopped)
-    body = text
-    for tail in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
-        body = body.replace(tail, "")
-    if "</think>" in body:
-        analysis, _, final = body.partition("</think>")
-        return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
-    if body.lstrip().startswith("<think>"):
-        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
-    return Parsed(None, body.strip(), True, not stopped)
+    options = HarmonyOptions(reasoning_effort=cfg.data.reasoning_effort, date=cfg.data.date)
+    return [prompt_text(case_conversation(c), tokenizer, options) for c in cases]
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -175,8 +98,6 @@ def parse_output(text: str, stopped: bool, harmony: bool):
 def perplexity(model, tokenizer, conversations: list, cfg: Config) -> float | None:
     """exp(mean NLL) over the trained tokens of held-out rows; None without held-out rows."""
     import torch
-
-    from .data import tokenize_data
 
     rows = conversations[: cfg.eval.perplexity_rows]
     if not rows:
@@ -204,7 +125,6 @@ def perplexity(model, tokenizer, conversations: list, cfg: Config) -> float | No
 
 def score_generations(cases: list[Case], generations: list[dict], harmony: bool, cfg: Config,
                       phase: str) -> list[dict]:
-    from .scoring import normalize_language, score_sample
 
     samples = []
     for case, gen in zip(cases, generations):
@@ -226,19 +146,12 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
     """Base vs tuned on the same prompts; writes eval.json, eval.md, eval.png, eval_samples.jsonl."""
     import time
 
-    from . import report
-    from .model import import_unsloth
-    from .statistics import aggregate, compare
-
-    unsloth = import_unsloth()
+    import_unsloth()
     suite = load_suite(cfg.eval.prompts)
     languages = target_languages(cfg.eval, suite)
     cases = build_cases(suite, languages, cfg.eval.samples_per_prompt, smoke=smoke)
     prompts = render_prompts(cases, tokenizer, cfg)
-    unsloth.FastLanguageModel.for_inference(model)
-    # TRL turns router logits on to train with the MoE auxiliary loss; generation must not compute it.
-    if hasattr(model.config, "output_router_logits"):
-        model.config.output_router_logits = False
+    ready_for_generation(model)
     started = time.perf_counter()
     phases = {}
     if has_adapter:
@@ -268,7 +181,6 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
 
 
 def write_eval(run_dir: Path, result: dict, samples: list[dict]) -> None:
-    from . import report
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "eval_samples.jsonl",
@@ -289,10 +201,6 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
     """Load the model once (plus the adapter, if any) and evaluate base vs tuned into out_dir."""
     import dataclasses
 
-    from .data import load_data
-    from .device import detect_device
-    from .model import import_unsloth, load_model
-
     if smoke:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
             cfg.eval, max_new_tokens=min(cfg.eval.max_new_tokens, SMOKE_MAX_NEW_TOKENS), **SMOKE_OVERRIDES))
@@ -306,16 +214,6 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
                           has_adapter=bool(adapter))
 
 
-def attach_adapter(model, adapter: str):
-    """The saved LoRA adapter on top of the loaded base model (disable_adapter() gives the base back)."""
-    from peft import PeftModel
-
-    path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise EvalError(f"{adapter}: no adapter_config.json — pass the run's adapter folder (RUN/adapter) or --run RUN")
-    return PeftModel.from_pretrained(model, str(path), is_trainable=False)
-
-
 def heldout_rows(cfg: Config, load_data) -> list:
     """Held-out rows for perplexity: the run's held-out split, or the shipped held-out sample file."""
     try:
@@ -327,7 +225,6 @@ def heldout_rows(cfg: Config, load_data) -> list:
 
 def run_config(run_dir: Path, overrides: list[str]) -> Config:
     """The resolved config a run was trained with, plus overrides."""
-    from .config import load_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():

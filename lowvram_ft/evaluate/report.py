@@ -1,4 +1,4 @@
-"""Reports: rich tables in the terminal, Markdown and a PNG chart in the run folder.
+"""The evaluation's reports: tables in the terminal, Markdown and a PNG chart in the run folder.
 
 Numbers come in already computed (statistics.aggregate / compare rows); this module only lays them out.
 """
@@ -7,18 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-
-def print_table(headers: list[str], cells: list[list[str]], title: str, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(highlight=False)
-    table = Table(title=title, title_justify="left")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
+from ..terminal import print_table
 
 
 def print_language_table(rows: list[dict], title: str, console=None) -> None:

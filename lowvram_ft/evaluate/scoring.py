@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import UserError
-from .io import write_jsonl
+from ..errors import UserError
+from ..io import write_jsonl
 from .languages import (LATIN_IDENTIFIED, SCRIPT_LANGUAGE, TRAINED_LANGUAGES, UNDETERMINED,
                         ZERO_SHOT_LANGUAGES, normalize_language)
 from .statistics import aggregate
