@@ -30,7 +30,7 @@ from . import checkpoints, run_state
 from .checkpoints import describe_unfinished, resume_point
 from .distributed import as_prepared, max_over_processes, processes, shared_run_dir
 from .run_state import adapter_bytes, check_free_space
-from .trainer import (build_trainer, check_trackers, compute_dtype, make_progress_callback, optimizer_name,
+from .trainer import (build_trainer, check_trackers, compute_dtype, fit, make_progress_callback, optimizer_name,
                       packing_decision, point_trackers_at)
 
 
@@ -123,13 +123,14 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
             f"{kind}, plain data parallel: every process holds the whole model (README, More than one GPU)")
     procs = as_prepared(procs, kind)
     run.phase = "train"
-    result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+    trained = fit(trainer, str(resume_from.path) if resume_from else None)
     run.raise_if_stopped()  # Ctrl-C / SIGTERM: the checkpoint is written; say how to resume
     run.phase = "save"
     train_memory = peak_figures(gpu, monitor)
     monitor.stop()
     peak = max_over_processes(procs, max(headline_gib(load_memory, gpu), headline_gib(train_memory, gpu)))
-    log(console, "train", f"{result.global_step} steps, final loss {progress.losses[-1] if progress.losses else float('nan'):.4f}, "
+    final_loss = trained.final_loss if trained.final_loss is not None else float("nan")
+    log(console, "train", f"{trained.steps} steps, final loss {final_loss:.4f}, "
         f"peak {'VRAM' if device.kind == 'cuda' else 'RSS'} {peak:.2f} GiB")
 
     if procs.sharded:  # FSDP / ZeRO-3: the adapter is spread over the processes; all of them gather it
@@ -139,7 +140,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     adapter_dir = (publish_sharded_adapter(tokenizer, run_dir) if procs.sharded
                    else save_adapter(model, tokenizer, run_dir))
     log(console, "save", f"adapter and tokenizer in {adapter_dir}")
-    summary = build_summary(cfg, device, result, progress, counts, data.stats, tokenized.stats, peak,
+    summary = build_summary(cfg, device, trained, counts, data.stats, tokenized.stats, peak,
                             time.perf_counter() - started)
     summary["processes"] = procs.world_size
     summary["memory"] = {"load": load_memory, "train": train_memory}  # memory.py: one meaning everywhere
@@ -289,16 +290,16 @@ def describe_resume(run_dir: Path, resume_from) -> str:
     return f"continuing from {resume_from.path} (step {resume_from.step}){damaged}"
 
 
-def build_summary(cfg, device, result, progress, counts, data_stats, token_stats, peak, wall_s) -> dict:
+def build_summary(cfg, device, trained, counts, data_stats, token_stats, peak, wall_s) -> dict:
     return {
         "model": cfg.model.name,
         "device": {"kind": device.kind, "name": device.name, "total_gib": device.total_gib, "reason": device.reason},
-        "steps": result.global_step,
-        "final_loss": progress.losses[-1] if progress.losses else None,
-        "first_loss": progress.losses[0] if progress.losses else None,
-        "trained_tokens": progress.trained_tokens,
+        "steps": trained.steps,
+        "final_loss": trained.final_loss,
+        "first_loss": trained.first_loss,
+        "trained_tokens": trained.trained_tokens,
         "wall_time_s": round(wall_s, 2),
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "train_runtime_s": round(trained.runtime_s, 2),
         "peak_memory_gib": round(peak, 3),
         "peak_memory_kind": "peak_reserved_vram" if device.kind == "cuda" else "peak_rss",
         "trainable_parameters": counts,

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -127,6 +128,35 @@ def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, 
     return trainer
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What a finished trainer.train() reports, read from the Trainer's public state: optimizer steps,
+    the logged losses (a resumed run's earlier ones included), trained non-padding tokens (summed over
+    processes) and the training time."""
+    steps: int
+    losses: list[float]
+    trained_tokens: int
+    runtime_s: float
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def fit(trainer, resume_from: str | None = None) -> Trained:
+    """Train (continuing from the checkpoint folder `resume_from`, if given) and return what it did."""
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    state = trainer.state
+    return Trained(steps=result.global_step,
+                   losses=[float(r["loss"]) for r in state.log_history if "loss" in r],
+                   trained_tokens=int(state.num_input_tokens_seen or 0),
+                   runtime_s=float(result.metrics.get("train_runtime", 0.0)))
+
+
 def missing_trackers(report_to: list[str], find_spec=None) -> list[str]:
     """The trackers in output.report_to whose package is not installed."""
     import importlib.util
@@ -179,15 +209,12 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
         def __init__(self):
             self.start = None
             self.last_time = None
-            self.last_tokens = 0
-            self.losses: list[float] = [r["loss"] for r in history]
-            self.trained_tokens = history[-1].get("tokens", 0) if history else 0
+            self.last_tokens = history[-1].get("tokens", 0) if history else 0  # before a resume
             self.earlier_s = history[-1].get("elapsed_s", 0.0) if history else 0.0  # before a resume
             self.first_step = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = self.last_time = time.perf_counter()
-            self.last_tokens = self.trained_tokens
             self.first_step = state.global_step  # > 0 when resumed
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -199,7 +226,7 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or logs.get("num_tokens", 0))
             window = max(now - (self.last_time or now), 1e-9)
             tokens_per_s = (tokens - self.last_tokens) / window if tokens else 0.0
-            self.last_time, self.last_tokens, self.trained_tokens = now, tokens, tokens
+            self.last_time, self.last_tokens = now, tokens
             elapsed = now - (self.start or now)
             eta = elapsed / max(state.global_step - self.first_step, 1) * (state.max_steps - state.global_step)
             record = {
@@ -214,7 +241,6 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
             }
             figures = peak_figures(device.kind == "cuda", monitor)
             record.update(peak_memory_gib=round(headline_gib(figures, device.kind == "cuda"), 3), **figures)
-            self.losses.append(record["loss"])
             # The trackers' callbacks run after this one and record these too.
             logs.update(tokens_per_s=record["tokens_per_s"], peak_memory_gib=record["peak_memory_gib"])
             if not state.is_world_process_zero:
