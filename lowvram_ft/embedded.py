@@ -35,37 +35,36 @@ HARMONY_SPECIAL_TOKENS = [
 ]
 VOCAB_SIZE = 2048
 SEED = 1234
-# Shape of the tiny gpt-oss: gpt-oss-20b's layout (GQA 8:1 → 2:1 here, 32 experts top-4 → 4 top-2,
-# sliding window 128 → 64) scaled down until a training step takes milliseconds on a CPU.
-MODEL_SHAPE = dict(
+# Width, depth and attention heads the two tiny models share, so a training step costs about the same.
+TINY_SHAPE = dict(
     hidden_size=128,
-    intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=32,
+    max_position_embeddings=4096,
+)
+# Shape of the tiny gpt-oss: gpt-oss-20b's layout (GQA 8:1 → 2:1 here, 32 experts top-4 → 4 top-2,
+# sliding window 128 → 64) scaled down until a training step takes milliseconds on a CPU.
+MODEL_SHAPE = dict(
+    TINY_SHAPE,
+    intermediate_size=128,
     num_local_experts=4,
     num_experts_per_tok=2,
     sliding_window=128,
     layer_types=["sliding_attention", "full_attention"],
-    max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
     tie_word_embeddings=False,
 )
 # Shape of the tiny Qwen3: Qwen3-0.6B's layout (GQA 16:8 → 4:2, MLP 3x hidden, tied embeddings, RoPE
-# theta 1e6, every layer full attention) at the tiny gpt-oss's width and depth, so that a training step
-# costs about the same (0.66M parameters; a third layer would make each step ~60% slower).
+# theta 1e6, every layer full attention) at the tiny gpt-oss's width and depth (0.66M parameters; a
+# third layer would make each step ~60% slower).
 QWEN3_SHAPE = dict(
-    hidden_size=128,
+    TINY_SHAPE,
     intermediate_size=384,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
     rms_norm_eps=1e-6,
     attention_bias=False,
     use_sliding_window=False,
-    max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     tie_word_embeddings=True,
 )

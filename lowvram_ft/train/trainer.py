@@ -63,6 +63,11 @@ def compute_dtype(cfg: Config, device: Device, weights_dtype: str) -> str:
     return "bfloat16" if flags["bf16"] else "float16" if flags["fp16"] else weights_dtype
 
 
+# train.* settings that SFTConfig takes under the same name.
+SAME_NAMED_TRAIN_FIELDS = ("gradient_accumulation_steps", "learning_rate", "warmup_steps", "max_steps", "weight_decay",
+                           "max_grad_norm", "seed", "router_aux_loss_coef", "logging_steps")
+
+
 def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing: bool | None = None) -> dict:
     """Everything SFTConfig needs, from our config. Pure: plain values in, a dict out. `packing` is
     packing_decision's verdict (default: data.packing on a GPU)."""
@@ -71,20 +76,12 @@ def sft_config_kwargs(cfg: Config, device: Device, checkpoint_dir: str, packing:
     trackers = [r for r in cfg.output.report_to if r != "none"]
     return dict(
         output_dir=checkpoint_dir,
+        **{name: getattr(t, name) for name in SAME_NAMED_TRAIN_FIELDS},
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
         optim=optimizer_name(cfg, device),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
         data_seed=t.seed,
-        router_aux_loss_coef=t.router_aux_loss_coef,
-        logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
