@@ -201,8 +201,12 @@ def markdown_rows(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def bench_chart(records: list[dict], env: dict, path: Path) -> None:
-    """tokens/s and peak memory per setting, the two stacks side by side (PNG, written atomically)."""
-    import matplotlib
+    """tokens/s and peak memory per setting, the two stacks side by side (PNG, written atomically).
+    Nothing without matplotlib (an optional extra): the tables hold the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
