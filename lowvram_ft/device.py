@@ -4,6 +4,8 @@ Light at import: torch (and unsloth_zoo, for the CPU's bf16) load inside the fun
 from __future__ import annotations
 
 import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -114,3 +116,18 @@ def nvml_driver_version() -> str | None:
         return value.decode() if isinstance(value, bytes) else value
     except Exception:  # noqa: BLE001 — no NVML, no driver, or the package missing: the figure is just absent
         return None
+
+
+STACK = ("torch", "triton", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "accelerate", "bitsandbytes",
+         "datasets", "nvidia-ml-py")
+
+
+def stack_versions(names: tuple[str, ...] = STACK) -> dict[str, str | None]:
+    """Python's and each package's version (None when not installed): what every result is recorded with."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found

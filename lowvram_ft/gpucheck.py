@@ -38,7 +38,7 @@ from typing import Callable
 from .bench.matrix import CASES_DIR
 from .bench.metrics import train_memory
 from .bench.models import random_checkpoint_dir
-from .device import describe_gpu
+from .device import describe_gpu, stack_versions
 from .folders import make_dirs
 from .io import GIB, write_atomic
 from .config import load_config
@@ -330,18 +330,10 @@ def folder_bytes(folder: Path) -> int:
 
 def describe(out: Path) -> None:
     """The environment step's body: versions, GPU, driver, capability (runs in its own process)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
-    info = {"python": sys.version.split()[0], "cuda_available": torch.cuda.is_available(),
-            "torch_cuda": torch.version.cuda, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
-    for name in ("torch", "transformers", "triton", "peft", "trl", "accelerate", "bitsandbytes", "unsloth",
-                 "unsloth_zoo", "datasets"):
-        try:
-            info[name] = version(name)
-        except PackageNotFoundError:
-            info[name] = None
+    info = {**stack_versions(), "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     gpu = describe_gpu()
     if gpu["kind"] == "cuda":
         info.update(gpu=gpu["name"], **{k: gpu[k] for k in ("total_gib", "compute_capability", "grouped_mm", "driver")})

@@ -13,12 +13,11 @@ import shlex
 import subprocess
 import sys
 from datetime import date
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..device import stack_versions
 from ..io import write_atomic
-from ..train.pipeline import versions
 from .matrix import CASES_DIR, DEFAULT_MATRIX, BenchError, BudgetSearch, Case, Matrix, read_json, read_matrix
 from .metrics import failure_record, longest_seq, peak_bf16_flops, predicted_peak_gib, summarize
 from .models import ModelStore
@@ -171,15 +170,10 @@ def search_one_budget(base: Case, search: BudgetSearch, ceiling: int, records: l
 
 def environment(device: dict) -> dict:
     """Versions, device and the exact command; nothing that names the host."""
-    env = {"date": date.today().isoformat(), "versions": versions(), "device": device, "command": invoking_command(),
+    env = {"date": date.today().isoformat(), "versions": stack_versions(), "device": device, "command": invoking_command(),
            "platform": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),
            "budgets": "emulated with torch.cuda.set_per_process_memory_fraction" if device["kind"] == "cuda" else None,
            "peak_tflops": (peak_bf16_flops(device["name"]) or 0) / 1e12 or None}
-    for name in ("accelerate", "nvidia-ml-py"):
-        try:
-            env["versions"][name] = version(name)
-        except PackageNotFoundError:
-            env["versions"][name] = None
     return env
 
 

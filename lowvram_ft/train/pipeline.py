@@ -7,7 +7,6 @@ the step and checkpoint, out of memory becomes advice, a failed new run leaves n
 """
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from datetime import datetime
@@ -20,7 +19,7 @@ from ..errors import UserError, is_out_of_memory
 from ..evaluate import evaluate_model
 from ..config import EMBEDDED_MODELS, Config, ConfigError, load_config, parse_override, to_dict, to_yaml
 from ..io import write_atomic as write_text_atomic, write_json as write_json_atomic
-from ..device import detect_device
+from ..device import detect_device, stack_versions
 from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from ..model import input_device
 from ..plan import decide_fit
@@ -304,20 +303,8 @@ def build_summary(cfg, device, trained, counts, data_stats, token_stats, peak, w
         "peak_memory_kind": "peak_reserved_vram" if device.kind == "cuda" else "peak_rss",
         "trainable_parameters": counts,
         "data": {"rows": data_stats, "tokens": token_stats},
-        "versions": versions(),
+        "versions": stack_versions(),
     }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "bitsandbytes", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 # --------------------------------------------------------------------------- dry run
