@@ -15,7 +15,7 @@ from lowvram_ft.chat import EXIT, Printer, Session, StreamView, handle_command, 
 from lowvram_ft.conversation import Conversation, Message
 from lowvram_ft.harmony import HarmonyOptions, render_prompt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 DATE = "2025-08-05"
 

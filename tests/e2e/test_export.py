@@ -20,7 +20,7 @@ from conftest import precision_atol
 from lowvram_ft import export
 from lowvram_ft.config import load_config, to_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 PROBE = ("<|start|>user<|message|>Quelle est la capitale de la France ? Explique.<|end|>"
          "<|start|>assistant<|channel|>analysis<|message|>")

@@ -24,7 +24,7 @@ from lowvram_ft.testing.faults import FAULT_ENV
 from lowvram_ft.train import checkpoints, run_state
 from lowvram_ft.config import load_config, to_dict, to_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # One CPU thread per run: on a shared 2-core machine two-thread torch spins against other jobs and a
 # 2 s training takes 40 s; with one thread the runs take the same time whatever else is running.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -20,7 +20,7 @@ from lowvram_ft.testing.faults import FAULT_ENV
 from lowvram_ft.train.checkpoints import latest_checkpoint, rng_state_files
 from lowvram_ft.train.distributed import Processes, as_prepared, processes, shared_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 SETTINGS = ["--config", "configs/embedded.yaml", "train.batch_size=2", "train.logging_steps=1", "eval.enabled=false"]

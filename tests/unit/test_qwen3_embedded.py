@@ -24,7 +24,7 @@ from lowvram_ft.config import load_config
 from lowvram_ft.conversation import Conversation, Message
 from lowvram_ft.embedded import QWEN3_TEMPLATE, build_embedded, embedded_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CONFIG = "configs/embedded-qwen3.yaml"
 
