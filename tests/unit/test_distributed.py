@@ -1,29 +1,17 @@
-"""Past one GPU: the shipped Accelerate configs, which process writes (pure), and real two-process runs
-on the CPU (gloo) with the documented command, `accelerate launch --config_file
-configs/accelerate/ddp.yaml -m lowvram_ft train ...`, checked against a one-process run of the same data:
-DDP, the FSDP2 config (which accelerate 1.15 runs as DDP on CPU processes), and a run killed after its
-first checkpoint and resumed with `--resume`.
-"""
+"""Past one GPU without a run: the shipped Accelerate configs and which process writes (pure). Real
+two-process runs on the CPU with the documented command: e2e/test_distributed.py."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from lowvram_ft.testing.faults import FAULT_ENV
-from lowvram_ft.train.checkpoints import latest_checkpoint, rng_state_files
+from conftest import ROOT
+from lowvram_ft.train.checkpoints import rng_state_files
 from lowvram_ft.train.distributed import Processes, as_prepared, processes, shared_run_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-SETTINGS = ["--config", "configs/embedded.yaml", "train.batch_size=2", "train.logging_steps=1", "eval.enabled=false"]
 
 
 # --------------------------------------------------------------------------- the shipped configs
@@ -82,122 +70,3 @@ def test_a_checkpoint_is_complete_with_one_rng_state_per_process(tmp_path):
     assert rng_state_files(tmp_path) == ("rng_state.pth",)
     (tmp_path / "lowvram_ft_state.json").write_text(json.dumps({"step": 2, "processes": 3}))
     assert rng_state_files(tmp_path) == ("rng_state_0.pth", "rng_state_1.pth", "rng_state_2.pth")
-
-
-# --------------------------------------------------------------------------- two CPU processes
-
-
-def launch(out: Path, *overrides: str, processes: int = 2, accelerate_config: str = "ddp",
-           fault: str | None = None) -> subprocess.CompletedProcess:
-    if processes == 1:
-        command = [sys.executable, "-m", "lowvram_ft"]
-    else:
-        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                   f"configs/accelerate/{accelerate_config}.yaml", "--num_processes", str(processes), "-m", "lowvram_ft"]
-    env = {**ENV, FAULT_ENV: fault} if fault else ENV
-    return subprocess.run([*command, "train", "--output", str(out), *SETTINGS, *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("accelerate's launcher is not installed next to this Python")
-    root = tmp_path_factory.mktemp("distributed")
-    one = launch(root / "one", "train.max_steps=2", processes=1)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two = launch(root / "two", "train.max_steps=3", "train.save_steps=2")
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    return {"one": root / "one", "two": root / "two", "log": two.stdout + two.stderr}
-
-
-@pytest.fixture(scope="module")
-def fsdp2(runs, tmp_path_factory):
-    """The FSDP2 config's command with the settings of the DDP run."""
-    run = tmp_path_factory.mktemp("fsdp2") / "run"
-    proc = launch(run, "train.max_steps=3", "train.save_steps=2", accelerate_config="fsdp2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run, proc.stdout + proc.stderr
-
-
-def test_both_processes_train_and_only_the_first_writes_and_prints(runs):
-    log, run = runs["log"], runs["two"]
-    assert log.count("Unsloth (CPU): GptOssForCausalLM") == 2  # the model was loaded in two processes
-    assert log.count("[lowvram_ft] config: resolved config saved") == 1  # one console speaks
-    assert log.count("[lowvram_ft] save: adapter and tokenizer") == 1
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]  # one writer: no line twice
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert [p.name for p in run.glob(".*")] == [".lowvram_ft"], "only the run folder's mark, no temporary file"
-
-
-def test_metrics_are_aggregated_over_both_processes(runs):
-    one, two = read_jsonl(runs["one"] / "metrics.jsonl"), read_jsonl(runs["two"] / "metrics.jsonl")
-    # Accelerate hands process k the k-th of each pair of batches a single process would draw, so step 1
-    # of the pair covers steps 1 and 2 of the single run. The warm-up's first learning rate is 0: the
-    # single run's step 2 is computed on the same weights as its step 1.
-    assert one[0]["learning_rate"] == 0.0
-    assert two[0]["tokens"] == one[1]["tokens"]  # TRL's num_tokens is summed over the processes
-    low, high = sorted([one[0]["loss"], one[1]["loss"]])
-    assert low + 1e-4 < two[0]["loss"] < high - 1e-4  # the mean over both processes' tokens, not process 0's
-
-
-def test_checkpoints_of_two_processes_are_complete_and_hold_both_rng_states(runs):
-    run = runs["two"]
-    for step in (2, 3):  # save_steps=2, and the last step is always checkpointed
-        folder = run / "checkpoints" / f"checkpoint-{step}"
-        assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= {
-            p.name for p in folder.iterdir()}
-        assert json.loads((folder / "lowvram_ft_state.json").read_text())["processes"] == 2
-    assert latest_checkpoint(run).step == 3
-
-
-def test_the_fsdp2_config_trains_on_two_cpu_processes_as_ddp_and_writes_one_adapter(runs, fsdp2):
-    run, log = fsdp2
-    assert log.count("[lowvram_ft] processes: sharding asked for, but accelerate runs the 2 processes as MULTI_CPU") == 1
-    assert log.count("[lowvram_ft] save: adapter and tokenizer") == 1
-    assert not (run / ".adapter.sharded").exists()
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3 and "reload_probe" in summary
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
-    one, got = adapter(runs["one"]), adapter(run)
-    assert len(one) > 10 and {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in one.items()}
-    # Under the hood the same run as DDP with the same settings: the same losses and weights.
-    import torch
-
-    want = adapter(runs["two"])
-    assert all(torch.allclose(want[name], got[name], rtol=0, atol=1e-7) for name in want)
-    losses = [r["loss"] for r in read_jsonl(runs["two"] / "metrics.jsonl")]
-    assert [r["loss"] for r in read_jsonl(run / "metrics.jsonl")] == pytest.approx(losses, rel=1e-6, abs=0)
-
-
-def test_a_two_process_run_killed_after_its_checkpoint_resumes_to_the_uninterrupted_result(runs, tmp_path):
-    run = tmp_path / "run"
-    killed = launch(run, "train.max_steps=3", "train.save_steps=2", fault="kill@step=3")  # both processes, before checkpoint 3
-    assert killed.returncode != 0 and latest_checkpoint(run).step == 2
-    resumed = launch(run, "train.max_steps=3", "train.save_steps=2", "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "[lowvram_ft] resume: continuing from" in resumed.stdout and "checkpoint-2 (step 2)" in resumed.stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 3
-    assert [p.name for p in run.iterdir() if "adapter" in p.name] == ["adapter"]  # no staging folder left
-    want, got = read_jsonl(runs["two"] / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in got] == [1, 2, 3]
-    # RNG states, data position and optimizer state restored: the losses and weights of the uninterrupted run
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6, abs=0)
-    import torch
-
-    uninterrupted, resumed_adapter = adapter(runs["two"]), adapter(run)
-    assert uninterrupted.keys() == resumed_adapter.keys()
-    assert all(torch.allclose(uninterrupted[name], resumed_adapter[name], rtol=0, atol=1e-7) for name in uninterrupted)
