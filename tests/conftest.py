@@ -82,3 +82,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     return build_split_checkpoint(TINY, tmp_path_factory.mktemp("ckpt") / "tiny-split", device="cpu",
                                   with_tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    """The tokenizer of the embedded Qwen3-shaped model (helpers.QWEN3_CONFIG), with Qwen3's chat template."""
+    from transformers import AutoTokenizer
+
+    from lowvram_ft.embedded import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir("embedded-qwen3"))

@@ -10,6 +10,8 @@ from pathlib import Path
 from conftest import DATA, ENV, ROOT
 from lowvram_ft import data
 from lowvram_ft.config import load_config
+from lowvram_ft.conversation import Conversation
+from lowvram_ft.harmony import HarmonyOptions, render_prompt
 
 # ------------------------------------------------------- the command line (test_bad_inputs_cli, test_errors)
 
@@ -144,3 +146,29 @@ def tokenize(tmp_path, tokenizer, *datasets, **keys):
 
 def rows_by_where(loaded, tokenized) -> dict[str, dict]:
     return {loaded.train[i].where: tokenized.dataset[n] for n, i in enumerate(tokenized.kept)}
+
+
+# ------------------------------------------------------------------------------- chat prompts (test_chat)
+
+DATE = "2025-08-05"
+
+
+def harmony(messages, effort="medium", language=None) -> str:
+    """The harmony prompt of `messages` as chat renders it, dated DATE."""
+    return render_prompt(Conversation(tuple(messages), reasoning_language=language, reasoning_effort=effort),
+                         HarmonyOptions(date=DATE))
+
+
+# ------------------------------------------------------------------------------ checkpoints (test_resume)
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    """The steps of the run's complete checkpoints, oldest first."""
+    from lowvram_ft.train import checkpoints
+
+    return [c.step for c in checkpoints.list_checkpoints(run_dir)[0]]
+
+
+# --------------------------------------------------------------- the embedded Qwen3 (test_qwen3_embedded)
+
+QWEN3_CONFIG = "configs/embedded-qwen3.yaml"  # conftest's qwen3_tokenizer is the tokenizer of its model

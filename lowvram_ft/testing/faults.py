@@ -1,5 +1,5 @@
-"""Faults injected into a real training run, for the tests of what survives a kill (tests/test_resume.py,
-tests/test_distributed.py): set LOWVRAM_FT_FAULT to a comma-separated list of
+"""Faults injected into a real training run, for the tests of what survives a kill (tests/e2e/test_resume.py,
+tests/e2e/test_distributed.py): set LOWVRAM_FT_FAULT to a comma-separated list of
 
 - `kill@step=N`: SIGKILL at the end of step N, before its checkpoint is written;
 - `kill@checkpoint=N`: SIGKILL while checkpoint N is being written (the Trainer has written it, its

@@ -1,8 +1,7 @@
-"""Past one GPU: the shipped Accelerate configs, which process writes (pure), and real two-process runs
-on the CPU (gloo) with the documented command, `accelerate launch --config_file
-configs/accelerate/ddp.yaml -m lowvram_ft train ...`, checked against a one-process run of the same data:
-DDP, the FSDP2 config (which accelerate 1.15 runs as DDP on CPU processes), and a run killed after its
-first checkpoint and resumed with `--resume`.
+"""Past one GPU: real two-process runs on the CPU (gloo) with the documented command, `accelerate launch
+--config_file configs/accelerate/ddp.yaml -m lowvram_ft train ...`, checked against a one-process run of the
+same data: DDP, the FSDP2 config (which accelerate 1.15 runs as DDP on CPU processes), and a run killed after
+its first checkpoint and resumed with `--resume`. The configs and which process writes: unit/test_distributed.py.
 """
 from __future__ import annotations
 
@@ -14,77 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import ROOT
+from helpers import read_jsonl
 from lowvram_ft.testing.faults import FAULT_ENV
-from lowvram_ft.train.checkpoints import latest_checkpoint, rng_state_files
-from lowvram_ft.train.distributed import Processes, as_prepared, processes, shared_run_dir
+from lowvram_ft.train.checkpoints import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 SETTINGS = ["--config", "configs/embedded.yaml", "train.batch_size=2", "train.logging_steps=1", "eval.enabled=false"]
-
-
-# --------------------------------------------------------------------------- the shipped configs
-
-
-def test_the_three_accelerate_configs_ship_and_parse_as_accelerate_reads_them():
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    assert [p.stem for p in CONFIGS] == ["ddp", "fsdp2", "zero3"]
-    kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in CONFIGS}
-    assert kinds == {"ddp": "DistributedType.MULTI_GPU", "fsdp2": "DistributedType.FSDP",
-                     "zero3": "DistributedType.DEEPSPEED"}
-    assert yaml.safe_load((ROOT / "configs/accelerate/fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
-    assert yaml.safe_load((ROOT / "configs/accelerate/zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_each_config_header_gives_the_command_and_the_batch_rule(path):
-    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-    assert f"accelerate launch --config_file configs/accelerate/{path.name}" in header
-    assert "-m lowvram_ft train" in header
-    assert "effective batch = train.batch_size" in header and "x num_processes" in header
-
-
-# --------------------------------------------------------------------------- who writes (pure)
-
-
-def test_the_process_that_writes_is_global_rank_zero():
-    assert processes({}) == Processes(rank=0, world_size=1, sharded=False)
-    assert processes({}).main and not processes({}).several
-    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
-    assert processes(torchrun) == Processes(rank=1, world_size=2, sharded=False)
-    assert not processes(torchrun).main and processes(torchrun).several
-    # Second machine, first GPU: LOCAL_RANK is 0 but the global rank is not.
-    assert not processes({"RANK": "4", "LOCAL_RANK": "0", "WORLD_SIZE": "8"}).main
-    assert processes({"PMI_RANK": "0", "PMI_SIZE": "2"}) == Processes(rank=0, world_size=2, sharded=False)
-    assert processes({"RANK": "0", "WORLD_SIZE": "4", "ACCELERATE_USE_FSDP": "true"}).sharded
-    assert processes({"RANK": "0", "WORLD_SIZE": "4", "ACCELERATE_USE_DEEPSPEED": "true"}).sharded
-    assert not processes({"ACCELERATE_USE_FSDP": "true"}).sharded  # one process holds everything
-
-
-def test_processes_are_sharded_only_when_the_accelerator_shards():
-    fsdp_launch = processes({"RANK": "0", "WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"})
-    assert as_prepared(fsdp_launch, "FSDP").sharded and as_prepared(fsdp_launch, "DEEPSPEED").sharded
-    assert as_prepared(fsdp_launch, "MULTI_CPU") == Processes(rank=0, world_size=2, sharded=False)
-    assert not as_prepared(processes({}), "FSDP").sharded  # one process holds everything
-
-
-def test_one_process_prepares_the_run_folder_itself(tmp_path):
-    calls = []
-    assert shared_run_dir(processes({}), lambda: calls.append(1) or tmp_path) == tmp_path
-    assert calls == [1]
-
-
-def test_a_checkpoint_is_complete_with_one_rng_state_per_process(tmp_path):
-    assert rng_state_files(tmp_path) == ("rng_state.pth",)
-    (tmp_path / "lowvram_ft_state.json").write_text(json.dumps({"step": 2, "processes": 3}))
-    assert rng_state_files(tmp_path) == ("rng_state_0.pth", "rng_state_1.pth", "rng_state_2.pth")
-
-
-# --------------------------------------------------------------------------- two CPU processes
 
 
 def launch(out: Path, *overrides: str, processes: int = 2, accelerate_config: str = "ddp",
@@ -103,10 +41,6 @@ def adapter(run: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
