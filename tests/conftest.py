@@ -92,3 +92,11 @@ def qwen3_tokenizer():
     from lowvram_ft.embedded import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(embedded_model_dir("embedded-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def gptoss_tokenizer():
+    """The real o200k_harmony tokenizer, built offline once per session (a few seconds)."""
+    from lowvram_ft.gptoss_tokenizer import load_gptoss_tokenizer
+
+    return load_gptoss_tokenizer()

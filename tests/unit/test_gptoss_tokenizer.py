@@ -47,8 +47,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_gptoss_tokenizer()
+def tokenizer(gptoss_tokenizer):
+    return gptoss_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lowvram_ft.conversation import Conversation, Message
-from lowvram_ft.gptoss_tokenizer import harmony_encoding, load_gptoss_tokenizer
+from lowvram_ft.gptoss_tokenizer import harmony_encoding
 from lowvram_ft.harmony import (
     IGNORE_INDEX,
     HarmonyOptions,
@@ -127,8 +127,8 @@ ENDS_ON_ASSISTANT = [name for name, c in CONVERSATIONS.items() if c.messages[-1]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_gptoss_tokenizer()
+def tokenizer(gptoss_tokenizer):
+    return gptoss_tokenizer
 
 
 @pytest.fixture(scope="module")
