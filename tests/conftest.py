@@ -100,3 +100,11 @@ def gptoss_tokenizer():
     from lowvram_ft.gptoss_tokenizer import load_gptoss_tokenizer
 
     return load_gptoss_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def harmony_reference():
+    """openai-harmony's HARMONY_GPT_OSS encoding, the reference our Harmony renderer is checked against."""
+    from lowvram_ft.gptoss_tokenizer import harmony_encoding
+
+    return harmony_encoding()

@@ -52,8 +52,8 @@ def tokenizer(gptoss_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def harmony():
-    return harmony_encoding()
+def harmony(harmony_reference):
+    return harmony_reference
 
 
 @pytest.fixture(scope="module")

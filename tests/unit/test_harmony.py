@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from lowvram_ft.conversation import Conversation, Message
-from lowvram_ft.gptoss_tokenizer import harmony_encoding
 from lowvram_ft.harmony import (
     IGNORE_INDEX,
     HarmonyOptions,
@@ -132,8 +131,8 @@ def tokenizer(gptoss_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def harmony():
-    return harmony_encoding()
+def harmony(harmony_reference):
+    return harmony_reference
 
 
 def to_openai_harmony(c: Conversation, opts: HarmonyOptions, *, drop_closing_turn: bool = False):
