@@ -1,8 +1,8 @@
 """Loading a model through Unsloth and wrapping it with LoRA.
 
-`import_unsloth()` is the one place unsloth is imported; it must run before trl / transformers / peft
-are imported anywhere in the process, because it patches them. Device and dtype are decided once in
-`detect_device()` and passed along, never re-tested.
+`import_unsloth()` imports unsloth itself, before trl / transformers / peft are imported anywhere in the
+process, because it patches them; every other unsloth import of the package (its chat templates, here)
+runs after it. Device and dtype are decided once, by `device.detect_device()`, and passed along.
 """
 from __future__ import annotations
 
