@@ -12,6 +12,7 @@ import sys
 from .config import ConfigError, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
 from . import chat, data, evaluate, export, plan
+from .plan import inputs as plan_inputs
 from .evaluate import report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
@@ -118,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--vram", type=float, metavar="GiB", help="the card's memory in GiB (e.g. 16)")
     plan.add_argument("--compute-capability", type=float, metavar="X.Y",
                       help="the card's CUDA compute capability (7.5 = T4: no bf16, so float16 / float32 layouts)")
+    plan.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    plan.add_argument("--max-context", action="store_true",
+                      help="the longest sequence at batch 1 per card (16-141 GB), next to published anchors")
+    # Plan-only settings: a run made with another stack or Unsloth option (e.g. a published notebook).
+    plan.add_argument("--stack", choices=plan_inputs.STACKS, help="unsloth (default) or plain transformers + PEFT")
+    plan.add_argument("--attention", choices=plan_inputs.ATTENTION_IMPLEMENTATIONS,
+                      help="plain transformers' attn_implementation (Unsloth always uses its own)")
+    plan.add_argument("--loss", choices=plan_inputs.LOSSES,
+                      help="chunked = never full logits (Cut Cross Entropy, Liger); full; inplace = Unsloth <=2024")
+    plan.add_argument("--tiled-mlp", action="store_true", help="Unsloth's unsloth_tiled_mlp=True")
+    plan.add_argument("--kept-16bit", metavar="LAYOUT",
+                      help="linears a 4-bit checkpoint keeps in 16 bits: none, dynamic, or names (q_proj,k_proj,...)")
     plan.set_defaults(run=run_plan)
 
     export = sub.add_parser("export", help="write a run as lora / merged-16bit / merged-4bit / mxfp4 / gguf, with a model card")
@@ -298,7 +311,15 @@ def run_bench(args) -> int:
 def run_plan(args) -> int:
     cfg = resolve(args)
 
-    return plan.run(cfg, vram_gib=args.vram, compute_capability=args.compute_capability)
+    settings = {"unsloth_kernels": args.stack != "transformers"} if args.stack else {}
+    settings.update({name: getattr(args, name) for name in ("attention", "loss") if getattr(args, name)})
+    if args.tiled_mlp:
+        settings["tiled_mlp"] = True
+    if args.kept_16bit:
+        layout = args.kept_16bit
+        settings["kept_16bit"] = layout if layout in plan_inputs.KEPT_16BIT_LAYOUTS else tuple(layout.split(","))
+    return plan.run(cfg, vram_gib=args.vram, compute_capability=args.compute_capability, as_json=args.json,
+                    max_context=args.max_context, settings=settings)
 
 
 def run_export(args) -> int:

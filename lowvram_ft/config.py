@@ -136,8 +136,10 @@ class TrainConfig:
         "Rows per device step: activation memory grows linearly; raise gradient_accumulation instead to save memory.", min=1))
     gradient_accumulation_steps: int = field(default=4, metadata=doc(
         "Steps summed per optimizer update: effective batch = batch_size x this, at no memory cost.", min=1))
-    optimizer: Literal["auto", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "sgd"] = field(
-        default="auto", metadata=doc("auto = adamw_8bit on GPU (1/4 of fp32 Adam state memory), fused AdamW on CPU."))
+    optimizer: Literal["auto", "adamw_8bit", "adamw_bnb_8bit", "adamw_torch_8bit", "paged_adamw_8bit", "adamw_torch",
+                       "adamw_torch_fused", "paged_adamw_32bit", "sgd"] = field(
+        default="auto", metadata=doc("auto = adamw_8bit on GPU (1/4 of fp32 Adam state memory), fused AdamW on CPU; "
+                                     "adamw_bnb_8bit = adamw_8bit; adamw_torch_8bit = torchao's 8-bit AdamW."))
     weight_decay: float = field(default=0.01, metadata=doc("AdamW weight decay.", min=0.0))
     max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm; 0 disables.", min=0.0))
     seed: int = field(default=3407, metadata=doc("Seed for weights init (LoRA), data order and sampling."))

@@ -14,17 +14,30 @@ One module per concern, each importing only the ones listed before it:
     model_configs   where config.json comes from (folder, bundled, Hub, embedded recipe)
     weights         exact bytes: weights, adapters, gradients, optimizer states
     transients      modelled bytes of one step: activations, attention, routing, dequantized weights
-    estimate        `predict` (the peak, by phase) and its calibration
+    estimate        `predict` (the peak, by phase: reserved and what the card must hold)
+    calibration     the published GPU measurements (CALIBRATION) and the error the planner shows on them
     recommendations what to change so that a run fits
-    report          the printed table and recommendations, the `plan` command
+    longcontext     the longest sequence per card, next to published anchors
+    report          the printed table and recommendations, the `plan` command (--json, --max-context)
     fit             `decide_fit`, the check before a GPU run
 
-The calibration tables (`estimate.CALIBRATION`, `estimate.CALIBRATION_ERROR`) are read where they live;
-they are not re-exported here, so that replacing them (a test, a measured calibration) takes effect.
+The calibration (`calibration.CALIBRATION`, the published cases, and `estimate.FACTORS`) is read where it
+lives; `plan.CALIBRATION` is the same tuple, but replacing it (a test, a measured calibration) takes effect
+only in `calibration`.
 """
 from __future__ import annotations
 
-from .estimate import CUDA_CONTEXT_GIB, EXACT_COMPONENTS, FUSED_CE_TARGET_CAP_GIB, Breakdown, Component, calibrate, predict
+from .calibration import CALIBRATION, Case, basis_text, case_error, predict_case, stated_error
+from .estimate import (
+    CUDA_CONTEXT_GIB,
+    EXACT_COMPONENTS,
+    FUSED_LINEAR_CHUNK_GIB,
+    Breakdown,
+    Component,
+    calibrate,
+    fused_loss_rows,
+    predict,
+)
 from .fit import FitDecision, decide_fit
 from .inputs import (
     LORA_MODULE_NAMES,
@@ -36,6 +49,7 @@ from .inputs import (
     plan_input_from_config,
     plan_problems,
 )
+from .longcontext import ANCHORS, CARDS, anchor_rows, longest_at_batch_one, max_context_rows
 from .model_configs import MODEL_CONFIG_DIR, bundled_model_ids, model_config_for, resolve_model_config
 from .precision import Precision, has_bf16, unsloth_precision
 from .recommendations import (
@@ -49,7 +63,7 @@ from .recommendations import (
     recommend,
     same_model_change,
 )
-from .report import format_breakdown, format_recommendations, run
+from .report import format_breakdown, format_max_context, format_recommendations, plan_report, run, verdict
 from .shapes import (
     LinearGroup,
     ModelShape,
@@ -64,7 +78,9 @@ from .transients import MOE_FP16_STACK_CAP_GIB, layer_bytes_per_token
 from .weights import quantized_bytes
 
 __all__ = [
-    "CUDA_CONTEXT_GIB", "EXACT_COMPONENTS", "FUSED_CE_TARGET_CAP_GIB", "LORA_MODULE_NAMES", "LORA_TARGET_PRESETS",
+    "ANCHORS", "CARDS", "anchor_rows", "longest_at_batch_one", "max_context_rows", "format_max_context",
+    "plan_report", "verdict", "CALIBRATION", "Case", "basis_text", "case_error", "predict_case", "stated_error", "fused_loss_rows",
+    "CUDA_CONTEXT_GIB", "EXACT_COMPONENTS", "FUSED_LINEAR_CHUNK_GIB", "LORA_MODULE_NAMES", "LORA_TARGET_PRESETS",
     "MODEL_CONFIG_DIR", "MOE_FP16_STACK_CAP_GIB", "NO_PACKING_MODEL_TYPES", "OPTIMIZERS", "SAFETY_MARGIN",
     "SEQ_LEN_STEP", "Breakdown", "Component", "FitDecision", "LinearGroup", "ModelShape", "ParameterCounts",
     "PlanError", "PlanInput", "Precision", "Recommendation", "budget_gib", "bundled_model_ids", "calibrate", "count_parameters",

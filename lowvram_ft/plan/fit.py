@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from .estimate import predict, stated_error
+from .calibration import basis_text, stated_error
+from .estimate import predict
 from .inputs import PlanError, config_precision, plan_input_from_config
 from .model_configs import model_config_for
 from .precision import Precision
@@ -23,7 +24,7 @@ class FitDecision:
     action: str
     peak_gib: float                  # as it will run (after train.fit=auto's changes)
     vram_gib: float
-    basis: str                       # "uncalibrated estimate, ±20%" / "calibrated estimate, ±6%"
+    basis: str                       # "calibrated estimate, ±12% measured on 11 published cases"
     precision: Precision
     configured_gib: float | None = None  # as configured, when train.fit=auto changed something
     overrides: tuple[str, ...] = ()  # applied by train.fit=auto
@@ -58,8 +59,8 @@ def decide_fit(cfg, vram_gib: float, bf16: bool = True, model_config: Mapping | 
     except PlanError:
         return None
     budget = budget_gib(vram_gib)
-    calibrated, error = stated_error()
-    basis = f"{'calibrated' if calibrated else 'uncalibrated'} estimate, ±{error:.0%}"
+    calibrated, error, _ = stated_error()
+    basis = basis_text()
     decision = FitDecision("fits", breakdown.total_gib, vram_gib, basis, config_precision(cfg, inp.model_config, bf16))
     if breakdown.total_gib <= budget:
         return decision

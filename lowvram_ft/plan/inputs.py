@@ -15,10 +15,14 @@ INT64 = 8
 
 # Optimizer -> (number of states, how a state is stored). "param": torch AdamW allocates its states
 # like the parameter (zeros_like), so 8 bytes for fp32 LoRA weights and 4 for bf16 full fine-tuning.
+# The names are transformers' `optim` values (OptimizerNames, 5.17), as users copy them from notebooks:
+# adamw_8bit is an alias of adamw_bnb_8bit; adamw_torch_8bit is torchao's 8-bit AdamW (blockwise
+# 8-bit states with one fp32 scale per 256 values, like bitsandbytes: torchao optim/subclass_8bit.py).
 OPTIMIZERS = {
     "adamw_8bit": (2, "8bit"),
     "paged_adamw_8bit": (2, "8bit"),
     "adamw_bnb_8bit": (2, "8bit"),
+    "adamw_torch_8bit": (2, "8bit"),
     "adamw_torch": (2, "param"),
     "adamw_torch_fused": (2, "param"),
     "adamw_hf": (2, "param"),
@@ -41,6 +45,17 @@ LORA_TARGET_PRESETS = {
 LORA_MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
 CHECKPOINTING_MODES = ("unsloth", "true", "false")
 ATTENTION_IMPLEMENTATIONS = ("auto", "flex", "sdpa", "flash", "eager")
+# The training stack: Unsloth (its kernels, fused loss, offloaded checkpointing) or plain transformers + PEFT.
+STACKS = ("unsloth", "transformers")
+# How the loss is computed: auto = the stack's own (Unsloth: its fused linear cross entropy; transformers:
+# full logits); "chunked" = a loss that never builds the full [tokens, vocab] logits (Cut Cross Entropy,
+# Liger's fused linear cross entropy, Unsloth's fused loss); "full" = the whole logits at once;
+# "inplace" = Unsloth's loss before its fused losses (2023-2024 releases): full logits, gradient in place.
+LOSSES = ("auto", "chunked", "full", "inplace")
+# Linears a pre-quantized checkpoint keeps in 16 bits: "none" (every linear 4-bit), "dynamic" (Unsloth's
+# dynamic 4-bit checkpoints, "-unsloth-bnb-4bit": a model-dependent set whose layout the config does not
+# say), or module names kept in 16 bits in every layer (e.g. q_proj,k_proj,v_proj,o_proj).
+KEPT_16BIT_LAYOUTS = ("none", "dynamic")
 
 
 class PlanError(UserError, ValueError):
@@ -66,8 +81,19 @@ class PlanInput:
     weights_dtype: str | None = None        # dtype of the weights kept in 16 bits; None = dtype (float32
                                             # for gpt-oss on a card without bf16, see unsloth_precision)
     offload_embedding: bool = False         # keep the input embedding table in host RAM
-    attention: str = "auto"                 # auto = flex for gpt-oss, sdpa otherwise; eager for plain HF gpt-oss
-    unsloth_kernels: bool = True            # False = plain transformers/PEFT (full logits, no fused paths)
+    attention: str = "auto"                 # plain transformers only: auto = sdpa (eager for gpt-oss); Unsloth
+                                            # always trains with its own attention (flex with sinks for gpt-oss)
+    unsloth_kernels: bool = True            # the stack: False = plain transformers/PEFT (no fused paths)
+    loss: str = "auto"                      # LOSSES: auto = the stack's own
+    tiled_mlp: bool = False                 # Unsloth's unsloth_tiled_mlp=True: the MLP runs in row tiles
+    kept_16bit: str | Sequence[str] = "none"  # KEPT_16BIT_LAYOUTS or module names kept in 16 bits
+    generate_tokens: int = 0                # a generation of this many tokens (prompt + new) runs before
+                                            # training in the same process (0 = none)
+    generate_batch: int = 1                 # rows generated at once
+
+    @property
+    def stack(self) -> str:
+        return "unsloth" if self.unsloth_kernels else "transformers"
 
 
 def raise_problems(inp: PlanInput) -> None:
@@ -86,7 +112,7 @@ def plan_problems(inp: PlanInput) -> list[str]:
         problems.append("full_finetuning needs load_bits=16 (quantized weights cannot be trained)")
     if inp.full_finetuning and inp.offload_embedding:
         problems.append("offload_embedding needs LoRA: full fine-tuning trains the embedding")
-    for name in ("lora_r", "batch_size", "seq_len", "gradient_accumulation"):
+    for name in ("lora_r", "batch_size", "seq_len", "gradient_accumulation", "generate_batch"):
         value = getattr(inp, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name}={value!r}: use a positive integer")
@@ -100,18 +126,24 @@ def plan_problems(inp: PlanInput) -> list[str]:
         problems.append(f"weights_dtype={inp.weights_dtype!r}: use bfloat16, float16 or float32")
     if inp.attention not in ATTENTION_IMPLEMENTATIONS:
         problems.append(f"attention={inp.attention!r}: use {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    problems += _lora_target_problems(inp.lora_targets)
+    if inp.loss not in LOSSES:
+        problems.append(f"loss={inp.loss!r}: use {', '.join(LOSSES)}")
+    if not isinstance(inp.generate_tokens, int) or isinstance(inp.generate_tokens, bool) or inp.generate_tokens < 0:
+        problems.append(f"generate_tokens={inp.generate_tokens!r}: use 0 or a positive integer")
+    problems += _module_problems("lora_targets", inp.lora_targets, LORA_TARGET_PRESETS)
+    problems += _module_problems("kept_16bit", inp.kept_16bit, KEPT_16BIT_LAYOUTS)
     return problems
 
 
-def _lora_target_problems(targets) -> list[str]:
-    if isinstance(targets, str):
-        if targets in LORA_TARGET_PRESETS:
+def _module_problems(field: str, value, presets) -> list[str]:
+    """Problems with a field that holds a preset name or a list of linear module names."""
+    if isinstance(value, str):
+        if value in presets:
             return []
-        return [f"lora_targets={targets!r}: use {', '.join(LORA_TARGET_PRESETS)} or a list of module names"]
-    unknown = [t for t in targets if t not in LORA_MODULE_NAMES]
-    if unknown or not targets:
-        return [f"lora_targets has {unknown or 'nothing'}: module names are {', '.join(LORA_MODULE_NAMES)}"]
+        return [f"{field}={value!r}: use {', '.join(presets)} or a list of module names"]
+    unknown = [name for name in value if name not in LORA_MODULE_NAMES]
+    if unknown or not value:
+        return [f"{field} has {unknown or 'nothing'}: module names are {', '.join(LORA_MODULE_NAMES)}"]
     return []
 
 
@@ -138,7 +170,17 @@ def plan_input_from_config(cfg, model_config: Mapping, bf16: bool = True) -> Pla
         dtype=precision.compute,
         weights_dtype=precision.weights,
         offload_embedding=model.offload_embedding,
+        kept_16bit=kept_16bit_layout(model.name, model_config, bits),
     )
+
+
+def kept_16bit_layout(name: str, model_config: Mapping, load_bits: int) -> str:
+    """"dynamic" for Unsloth's dynamic 4-bit checkpoints ("-unsloth-bnb-4bit"), else "none". gpt-oss's
+    split checkpoint (unsloth/gpt-oss-20b-unsloth-bnb-4bit) quantizes every expert and attention linear:
+    the T4 notebook's 12.81 GiB after loading and generating leaves no room for 16-bit attention
+    (calibration.py, nb_gptoss20b_t4)."""
+    dynamic = "unsloth-bnb-4bit" in name.lower() and model_config.get("model_type") != "gpt_oss"
+    return "dynamic" if dynamic and load_bits == 4 else "none"
 
 
 def config_precision(cfg, model_config: Mapping, bf16: bool) -> Precision:

@@ -85,10 +85,11 @@ def min_vram_gib(inp: PlanInput, margin: float = SAFETY_MARGIN) -> float:
     return math.ceil(high * 100) / 100
 
 
-def max_seq_len_that_fits(inp: PlanInput, vram_gib: float, margin: float = SAFETY_MARGIN) -> int:
-    """Longest sequence (a multiple of SEQ_LEN_STEP, up to the model's context) predicted to fit;
-    0 when even SEQ_LEN_STEP tokens do not."""
-    limit = model_shape(inp.model_config).max_positions // SEQ_LEN_STEP
+def max_seq_len_that_fits(inp: PlanInput, vram_gib: float, margin: float = SAFETY_MARGIN,
+                          limit: int | None = None) -> int:
+    """Longest sequence (a multiple of SEQ_LEN_STEP, up to `limit` tokens, by default the model's
+    context) predicted to fit; 0 when even SEQ_LEN_STEP tokens do not."""
+    limit = (limit or model_shape(inp.model_config).max_positions) // SEQ_LEN_STEP
     low, high = 0, limit
     while low < high:  # predicted peak grows with seq_len, so bisect on the step count
         mid = (low + high + 1) // 2

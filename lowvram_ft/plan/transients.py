@@ -5,6 +5,8 @@ scores or workspace, MoE routing buffers and dequantized weights. Each constant 
 "first principles" (an autograd count or a guess that calibration replaces)."""
 from __future__ import annotations
 
+import math
+
 from ..io import GIB
 from .inputs import DTYPE_BYTES, FP32, INT64, PlanInput
 from .shapes import ModelShape, linear_groups, lora_groups
@@ -14,10 +16,12 @@ from .shapes import ModelShape, linear_groups, lora_groups
 # unsloth/kernels/fast_lora.py LoRA_MLP save_for_backward(..., X, e, g)); plain PyTorch also keeps
 # act(gate) and the product fed to down_proj (first principles, autograd).
 SWIGLU_SAVED_WIDTHS = {True: 2, False: 4}
-# gpt-oss experts in training: swiglu_torch_forward runs in fp32 and autograd keeps 6 tensors of
-# intermediate width per routed (token, expert): both clamp inputs, the sigmoid, the clamped gate,
-# gelu output and up+1 (code: unsloth_zoo temporary_patches/gpt_oss.py; counted by hand).
-GPT_OSS_SWIGLU_FP32_SAVED = 6
+# gpt-oss experts in training (Unsloth): the fused clamped-SwiGLU saves only its gate_up input for
+# backward (code: unsloth_zoo temporary_patches/moe_fused_swiglu.py "saves only gate_up for backward",
+# save_for_backward(gate_up)), in the compute dtype; the frozen grouped GEMMs save no input for a dX-only
+# backward (moe_utils.py ~1141); the down output is kept for the routing-weight product. So per routed
+# (token, expert): 2 x intermediate + hidden values. LoRA on the experts also keeps both GEMM inputs.
+GPT_OSS_SAVED_WIDTHS = {"gate_up": 2, "down_out": 1}
 # While one layer is in backward, the gradients of its largest saved tensors coexist with them;
 # assumed to add half a layer's activations (first principles guess: calibrate).
 BACKWARD_WORKSPACE_FRACTION = 0.5
@@ -42,6 +46,14 @@ EAGER_TRANSIENT_BYTES_PER_SCORE = 6
 # FlashAttention-2 backward).
 FLASH_BACKWARD_FP32_ACCUMULATORS = 1
 
+# --- Tiled MLP -----------------------------------------------------------------------------------
+# Unsloth's unsloth_tiled_mlp=True runs the MLP in row tiles, saving only the MLP input and recomputing
+# each tile in backward (code: unsloth_zoo tiled_mlp.py TiledMLP). The tile length comes from
+# get_max_flat_qlen(hd, mlp_size, nbytes, target_gb) with target_gb = half the memory free at the
+# first call (_default_target_gb): rows = (target / nbytes - 3 hd mlp) / (11 hd + 3 mlp), a multiple of 64.
+TILED_MLP_FREE_FRACTION = 0.5
+TILED_MLP_ROW_MULTIPLE = 64
+
 # --- Dequantization buffers ----------------------------------------------------------------------
 # A 4/8-bit linear is dequantized to the compute dtype for each matmul and freed; forward recompute
 # and backward can overlap by one weight (first principles: unsloth kernels/utils.py fast_dequantize).
@@ -60,17 +72,23 @@ def step_tokens(inp: PlanInput) -> int:
 
 
 def attention_impl(inp: PlanInput, shape: ModelShape) -> str:
-    """The attention implementation the run uses: as set, or the one its stack picks for "auto"."""
+    """The attention implementation the run trains with. Unsloth always uses its own: flex attention with
+    sinks for gpt-oss, its fused/SDPA attention otherwise (code: unsloth models/llama.py, unsloth_zoo
+    flex_attention) — both O(seq) memory, never eager score matrices. Plain transformers: as set; "auto"
+    is sdpa, eager for gpt-oss (transformers' default for its sinks; the OpenAI cookbook recipe)."""
+    if inp.unsloth_kernels:
+        return "flex" if shape.attention_sinks else "sdpa"
     if inp.attention != "auto":
         return inp.attention
-    if shape.attention_sinks:
-        # Unsloth trains gpt-oss with flex attention (sinks); plain transformers recipes use eager.
-        return "flex" if inp.unsloth_kernels else "eager"
-    return "sdpa"
+    return "eager" if shape.attention_sinks else "sdpa"
 
 
 def layer_bytes_per_token(inp: PlanInput, shape: ModelShape) -> float:
     """Bytes autograd keeps per token for one decoder layer (LoRA on every linear assumed)."""
+    return _attention_bytes_per_token(inp, shape) + mlp_bytes_per_token(inp, shape)
+
+
+def _attention_bytes_per_token(inp: PlanInput, shape: ModelShape) -> float:
     dt = DTYPE_BYTES[inp.dtype]
     h = shape.hidden
     q_dim, kv_dim = shape.q_heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -78,28 +96,56 @@ def layer_bytes_per_token(inp: PlanInput, shape: ModelShape) -> float:
     attention = dt * (2 * h + 2 * q_dim + 2 * kv_dim) + FP32 * shape.q_heads
     if shape.qk_norm:
         attention += dt * (q_dim + kv_dim)
+    # x @ lora_A (r values) saved per wrapped attention linear
+    wrapped = [] if inp.full_finetuning else lora_groups(shape, inp.lora_targets)
+    return attention + dt * inp.lora_r * sum(1 for g in wrapped if g.kind == "attention")
+
+
+def mlp_bytes_per_token(inp: PlanInput, shape: ModelShape) -> float:
+    """Bytes the MLP (or the routed experts) of one layer keeps per token for backward, untiled."""
+    dt = DTYPE_BYTES[inp.dtype]
+    h = shape.hidden
+    wrapped = [] if inp.full_finetuning else lora_groups(shape, inp.lora_targets)
+    lora = dt * inp.lora_r * sum(shape.experts_per_token if g.kind == "expert" else 1 for g in wrapped
+                                 if g.kind != "attention")
     swiglu = SWIGLU_SAVED_WIDTHS[inp.unsloth_kernels]
     if not shape.experts:
-        mlp = dt * (2 * h + swiglu * shape.intermediate)
-    elif shape.fused_gate_up:
-        i, k = shape.expert_intermediate, shape.experts_per_token
-        # per routed (token, expert): gathered input and SwiGLU output (bf16), down output kept for
-        # the routing-weight product and the fp32 SwiGLU intermediates
-        per_expert = dt * (h + i) + FP32 * (h + GPT_OSS_SWIGLU_FP32_SAVED * i)
-        mlp = dt * 2 * h + k * per_expert
+        return dt * (2 * h + swiglu * shape.intermediate) + lora
+    i, k = shape.expert_intermediate, shape.experts_per_token
+    if shape.fused_gate_up and inp.unsloth_kernels:
+        per_expert = dt * (GPT_OSS_SAVED_WIDTHS["gate_up"] * i + GPT_OSS_SAVED_WIDTHS["down_out"] * h)
+        if any(g.kind == "expert" for g in wrapped):
+            per_expert += dt * (h + i)  # the inputs of the LoRA A matmuls of gate_up and down
     else:
-        i, k = shape.expert_intermediate, shape.experts_per_token
-        mlp = dt * 2 * h + k * dt * (h + swiglu * i)
-    # x @ lora_A (r values) saved per wrapped linear, per routed expert for the experts
-    wrapped = [] if inp.full_finetuning else lora_groups(shape, inp.lora_targets)
-    lora = dt * inp.lora_r * sum(shape.experts_per_token if g.kind == "expert" else 1 for g in wrapped)
-    return attention + mlp + lora
+        # plain PyTorch: gathered input, gate and up (or gate_up), activation and product, down output
+        per_expert = dt * (2 * h + swiglu * i)
+    return dt * 2 * h + k * per_expert + lora
 
 
-def activation_bytes(inp: PlanInput, shape: ModelShape) -> dict[str, float]:
-    """Bytes of the checkpointed activations, one layer's recompute and backward, attention and routing."""
+def tiled_mlp_rows(inp: PlanInput, shape: ModelShape, free_bytes: float) -> int:
+    """Rows per MLP tile under Unsloth's Tiled MLP when `free_bytes` are free at its first call (code:
+    unsloth_zoo tiled_mlp.get_max_flat_qlen, with mlp_size = config intermediate_size)."""
+    dt = DTYPE_BYTES[inp.dtype]
+    h = shape.hidden
+    mlp = shape.expert_intermediate or shape.intermediate
+    target = TILED_MLP_FREE_FRACTION * max(free_bytes, 0.0)
+    rows = math.ceil((target / dt - 3 * h * mlp) / (10 * h + 3 * mlp + h))
+    return max(TILED_MLP_ROW_MULTIPLE, rows // TILED_MLP_ROW_MULTIPLE * TILED_MLP_ROW_MULTIPLE)
+
+
+def activation_bytes(inp: PlanInput, shape: ModelShape, mlp_rows: int | None = None) -> dict[str, float]:
+    """Bytes of the checkpointed activations, one layer's recompute and backward, attention and routing.
+    `mlp_rows`: rows per tile under Tiled MLP (None: the MLP is not tiled).
+
+    A layer's backward runs its MLP first, then its attention, so under Tiled MLP the tile
+    ("mlp_tile") and the attention's backward ("backward_workspace", "attention") are never live
+    together; estimate.py takes the larger of the two."""
     tokens, dt = step_tokens(inp), DTYPE_BYTES[inp.dtype]
-    per_layer = tokens * layer_bytes_per_token(inp, shape)
+    tiled = inp.tiled_mlp and inp.unsloth_kernels and mlp_rows is not None and mlp_rows < tokens
+    mlp = mlp_bytes_per_token(inp, shape)
+    # a tiled MLP saves only its input for backward
+    per_token = _attention_bytes_per_token(inp, shape) + (dt * shape.hidden if tiled else mlp)
+    per_layer = tokens * per_token
     hidden_state = tokens * shape.hidden * dt
     mode = inp.gradient_checkpointing
     if mode == "unsloth":
@@ -111,12 +157,17 @@ def activation_bytes(inp: PlanInput, shape: ModelShape) -> dict[str, float]:
     attention_saved, attention_transient = attention_bytes(inp, shape)
     routing = routing_bytes(inp, shape)
     layers_held = 1 if mode != "false" else shape.layers
-    return {
+    parts = {
         "activations": activations,
-        "layer_recompute": recompute + BACKWARD_WORKSPACE_FRACTION * per_layer,
+        "layer_recompute": recompute,
+        "backward_workspace": BACKWARD_WORKSPACE_FRACTION * per_layer,
         "attention": layers_held * attention_saved + attention_transient,
         "moe_routing": layers_held * routing,
     }
+    if tiled:
+        # one tile's saved tensors, plus the gradient of the layer output and of the MLP input
+        parts["mlp_tile"] = mlp_rows * mlp + 2 * hidden_state
+    return parts
 
 
 def attention_bytes(inp: PlanInput, shape: ModelShape) -> tuple[float, float]:
@@ -165,3 +216,20 @@ def dequant_bytes(inp: PlanInput, shape: ModelShape) -> float:
         largest_expert = max(g.in_features * g.out_features for g in experts)
         buffers = max(buffers, DEQUANT_TRANSIENT_WEIGHTS * largest_expert * dt)
     return buffers
+
+
+def generation_bytes(inp: PlanInput, shape: ModelShape) -> dict[str, float]:
+    """Bytes of a generation of inp.generate_tokens tokens (batch 1) run before training in the same
+    process (generate_batch rows): the KV cache of every layer and the prefill of one layer (its hidden states, the attention
+    scores where the stack generates with eager attention — Unsloth's gpt-oss does — and the routed
+    experts), with logits for the last position only (transformers' generate, logits_to_keep=1)."""
+    tokens, rows = inp.generate_tokens, inp.generate_batch
+    if not tokens:
+        return {}
+    dt = DTYPE_BYTES[inp.dtype]
+    kv = rows * shape.layers * 2 * shape.kv_heads * shape.head_dim * tokens * dt
+    prefill = rows * tokens * (mlp_bytes_per_token(inp, shape) + 4 * shape.hidden * dt)
+    if shape.attention_sinks or attention_impl(inp, shape) == "eager":
+        # scores, sinks concatenated and the fp32 softmax, one layer at a time
+        prefill += rows * shape.q_heads * tokens * (tokens + 1) * (2 * dt + FP32)
+    return {"kv_cache": kv, "generation": prefill + rows * shape.vocab * FP32}

@@ -30,6 +30,11 @@ FULL_FT_PARAM_BYTES = {"bfloat16": 2, "float16": 4, "float32": 4}
 # values (code: bitsandbytes optim/optimizer.py, blocksize = 256).
 ADAM_8BIT_BLOCKSIZE = 256
 ADAM_8BIT_BYTES_PER_PARAM = 2 * (1 + FP32 / ADAM_8BIT_BLOCKSIZE)
+# Unsloth's dynamic 4-bit checkpoints ("-unsloth-bnb-4bit") leave a model-dependent set of linears in
+# 16 bits; the set is in each repo's quantization_config, not in config.json. Unsloth states the cost:
+# "<10% more VRAM than BnB 4-bit" (claim: Unsloth blog "Unsloth Dynamic 4-bit Quants", 2024-12), so the
+# 4-bit linears are counted at most 10% larger; a layout given by module names is exact instead.
+DYNAMIC_4BIT_MAX_OVERHEAD = 0.10
 
 
 def quantized_bytes(group: LinearGroup, bits: int) -> int:
@@ -55,8 +60,15 @@ def weight_bytes(inp: PlanInput, shape: ModelShape, counts: ParameterCounts) -> 
     sixteen = DTYPE_BYTES[inp.weights_dtype or inp.dtype]
     if inp.load_bits == 16:
         return {"quantized_weights": 0, "unquantized_weights": (counts.total - offloaded) * sixteen}
-    quantized = sum(quantized_bytes(g, inp.load_bits) for g in linear_groups(shape))
-    return {"quantized_weights": quantized, "unquantized_weights": (counts.kept_16bit - offloaded) * sixteen}
+    kept = () if isinstance(inp.kept_16bit, str) else tuple(inp.kept_16bit)
+    groups = linear_groups(shape)
+    quantized = sum(quantized_bytes(g, inp.load_bits) for g in groups if g.name not in kept)
+    kept_linears = sum(g.in_features * g.out_features * g.count for g in groups if g.name in kept)
+    parts = {"quantized_weights": quantized,
+             "unquantized_weights": (counts.kept_16bit + kept_linears - offloaded) * sixteen}
+    if inp.kept_16bit == "dynamic" and inp.load_bits == 4:
+        parts["dynamic_16bit_linears"] = DYNAMIC_4BIT_MAX_OVERHEAD * quantized
+    return parts
 
 
 def training_bytes(inp: PlanInput, counts: ParameterCounts, trainable: int) -> dict[str, float]:

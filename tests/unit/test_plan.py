@@ -201,7 +201,8 @@ def test_longer_sequences_and_bigger_batches_need_more(gpt_oss_20b, qwen3_8b):
 
 def test_eager_attention_is_quadratic_in_sequence(gpt_oss_20b):
     def scores(seq):
-        inp = PlanInput(gpt_oss_20b, load_bits=16, seq_len=seq, attention="eager", gradient_checkpointing="true")
+        inp = PlanInput(gpt_oss_20b, load_bits=16, seq_len=seq, attention="eager", gradient_checkpointing="true",
+                        unsloth_kernels=False)
         return predict(inp).gib("attention")
     # one layer's [heads, seq, seq + sink column] scores: saved softmax plus transients
     assert scores(2048) / scores(1024) == pytest.approx((2048 * 2049) / (1024 * 1025))
@@ -212,24 +213,32 @@ def test_eager_attention_is_quadratic_in_sequence(gpt_oss_20b):
 
 def test_packing_with_eager_attention_spans_the_micro_batch(gpt_oss_20b):
     def attention(packing):
-        inp = PlanInput(gpt_oss_20b, batch_size=4, seq_len=1024, attention="eager", packing=packing)
+        inp = PlanInput(gpt_oss_20b, batch_size=4, seq_len=1024, attention="eager", packing=packing,
+                        unsloth_kernels=False)
         return predict(inp).gib("attention")
     assert attention(True) > 3.9 * attention(False)
     flex = [predict(PlanInput(gpt_oss_20b, batch_size=4, packing=p)).total_gib for p in (True, False)]
     assert flex[0] == flex[1]
 
 
-def test_unsloth_loss_is_chunked_to_half_the_free_memory(qwen3_8b):
+def test_unsloth_loss_holds_one_row_chunk_of_fp32_logits(qwen3_8b):
+    # Unsloth 2026.10.9's fused linear cross entropy: rows per chunk are the power of two at or below
+    # tokens x hidden / vocab, at least 512, at most 4096 and at most min(2 GiB, half the free memory)
+    # of fp32 logits; the chunk's gradient is in bf16, plus the gradient of the hidden states.
     inp = PlanInput(qwen3_8b, seq_len=16384)
+    rows = plan.fused_loss_rows(16384, 4096, 151936, None)
+    assert rows == 256 * 2  # 16384 x 4096 / 151936 = 441.7 -> 256, raised to the 512-row floor
+    loss = predict(inp).gib("logits_and_loss")
+    assert loss == pytest.approx((rows * 151936 * (4 + 2) + 16384 * 4096 * 2) / GIB)
+    # a million tokens: 4096 rows by the row cap, fewer by the 2 GiB cap of fp32 logits
+    assert plan.fused_loss_rows(1 << 20, 4096, 151936, None) == int(2 * GIB // (151936 * 4))
+    small_free = 0.5 * GIB
+    assert plan.fused_loss_rows(16384, 4096, 151936, small_free) == int(0.25 * GIB // (151936 * 4))
     full = 16384 * 151936 * 4 / GIB      # plain transformers: fp32 logits alone
-    unconstrained = predict(inp).gib("logits_and_loss")
-    assert unconstrained <= plan.FUSED_CE_TARGET_CAP_GIB + 16384 * 4096 * 4 / GIB
-    small = predict(inp, vram_gib=12.0)
-    held = sum(small.gib(n) for n in ("quantized_weights", "unquantized_weights", "trainable_weights",
-                                       "activations", "dequant_buffers")) + plan.CUDA_CONTEXT_GIB
-    assert small.gib("logits_and_loss") <= 0.5 * (12.0 - held) + 16384 * 4096 * 4 / GIB + 1e-9
     plain = predict(replace(inp, unsloth_kernels=False)).gib("logits_and_loss")
-    assert plain > 3 * full > 3 * unconstrained
+    assert plain > 3 * full > 30 * loss
+    chunked = predict(replace(inp, unsloth_kernels=False, loss="chunked")).gib("logits_and_loss")
+    assert chunked == pytest.approx((16384 * 4096 * 2 + 16384 * 8) / GIB)
 
 
 def test_moe_expert_stacks_are_pinned_under_checkpointing(gpt_oss_20b, gpt_oss_120b):
@@ -271,15 +280,24 @@ def test_gpt_oss_120b_qlora_lands_near_the_published_claim(gpt_oss_120b):
     assert 55.0 < predicted.total_gib < 78.0
 
 
-def test_long_context_on_one_h100_matches_the_published_claims(gpt_oss_20b):
-    # Claims: on one H100 80 GB, 81k context for QLoRA, 60k for bf16 LoRA, about 9k without Unsloth
-    # (plain transformers: bf16 weights, eager attention, standard checkpointing).
+def test_long_context_next_to_the_published_anchors(gpt_oss_20b, llama31_8b):
+    # Unsloth's Llama-3.1-8B QLoRA claims (40,724 tokens on 16 GB, 342,733 on 80 GB) are made with the
+    # stack the planner models: within 15%.
+    rows = {(anchor.model, anchor.card, anchor.tokens): tokens for anchor, tokens in
+            plan.longcontext.anchor_rows(plan.model_config_for)}
+    for (model, card, published), predicted in rows.items():
+        if model.startswith("meta-llama"):
+            assert predicted == pytest.approx(published, rel=0.15), (card, published, predicted)
+    # gpt-oss-20b: the 81k / 60k claims date from Unsloth 2025.8; today's fused MoE SwiGLU and fused
+    # linear loss hold far less per token (the published 500K notebook trained 486,607 tokens on 80 GB
+    # with Tiled MLP), so the planner predicts more than the old claims, and QLoRA more than bf16 LoRA.
     qlora = PlanInput(gpt_oss_20b, lora_r=8, lora_targets="attention")
-    assert 40_000 < plan.max_seq_len_that_fits(qlora, H100_GIB) < 160_000
     bf16 = replace(qlora, load_bits=16)
-    assert 30_000 < plan.max_seq_len_that_fits(bf16, H100_GIB) < 120_000
+    longest = [plan.longcontext.longest_at_batch_one(inp, H100_GIB) for inp in (qlora, bf16)]
+    assert longest[0] > longest[1] > 60_000 and longest[0] > 81_000
+    # about 9k without Unsloth (plain transformers: bf16 weights, eager attention, checkpointing)
     plain = replace(bf16, unsloth_kernels=False, gradient_checkpointing="true")
-    assert 3_000 < plan.max_seq_len_that_fits(plain, H100_GIB) < 20_000
+    assert 9_000 * 0.75 < plan.max_seq_len_that_fits(plain, H100_GIB) < 9_000 * 1.25
 
 
 # --- Searches and recommendations -----------------------------------------------------------------
@@ -418,11 +436,11 @@ def test_resolve_model_config(tmp_path, monkeypatch, gpt_oss_20b):
 def test_calibrate_makes_the_prediction_match_a_measurement(gpt_oss_20b, monkeypatch):
     inp = PlanInput(gpt_oss_20b, seq_len=4096)
     before = predict(inp)
-    measured = before.total_gib + 1.5
-    factors = plan.calibrate(before, {"total": measured})
+    measured = before.reserved_gib + 1.5
+    factors = plan.calibrate(before, {"reserved": measured})
     assert all(name not in plan.EXACT_COMPONENTS for name in factors)
-    monkeypatch.setattr(estimate, "CALIBRATION", factors)
-    assert predict(inp).total_gib == pytest.approx(measured, rel=1e-9)
+    monkeypatch.setattr(estimate, "FACTORS", factors)
+    assert predict(inp).reserved_gib == pytest.approx(measured, rel=1e-9)
     one = plan.calibrate(before, {"layer_recompute": 2 * before.gib("layer_recompute")})
     assert one == {"layer_recompute": pytest.approx(2.0)}
 
@@ -448,7 +466,7 @@ def test_planning_imports_no_torch():
 
 
 PLAN_LAYERS = ("precision", "inputs", "shapes", "model_configs", "weights", "transients", "estimate",
-               "recommendations", "report", "fit")
+               "calibration", "recommendations", "longcontext", "report", "fit")
 
 
 def test_plan_modules_import_only_the_layers_below_them():
