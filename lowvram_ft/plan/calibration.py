@@ -37,8 +37,9 @@ L40S_GIB = 44.99
 CASE_SETTINGS: dict[str, dict] = {
     "nb_llama31_8b_alpaca_t4": dict(
         basis="upper_bound", loss="inplace", calibrates=("weights", "load_reserved", "adapters+optimizer"),
-        why="Alpaca rows are far shorter than the 2048 cap (tokens_in_batch); Unsloth 2024.8 built full fp16 "
-            "logits, so the loss term does not transfer"),
+        tolerance=0.20,
+        why="Alpaca rows are far shorter than the 2048 cap (tokens_in_batch) and the full logits of the "
+            "2024 loss grow with them: predicted at the cap, the figure is an upper bound by up to 20%"),
     "nb_llama32_3b_conversational_t4": dict(
         basis="upper_bound", loss="inplace", calibrates=("weights", "load_reserved", "adapters+optimizer", "tied embeddings")),
     "nb_tinyllama_packed4096_t4": dict(

@@ -7,9 +7,10 @@ from dataclasses import dataclass, replace
 from .inputs import PlanInput
 from .recommendations import max_seq_len_that_fits
 
-# Cards by their name on the box, as torch reports them (total_memory / 1024^3, GiB): T4 / RTX 4060 Ti
-# 16 GB, RTX 4090 24 GB, A100 40 GB, L40S 48 GB, H100 / A100 80 GB, H200 141 GB.
-CARDS = {"16 GB": 14.75, "24 GB": 23.65, "40 GB": 39.39, "48 GB": 44.99, "80 GB": 79.32, "141 GB": 139.80}
+# Cards by their name on the box, as torch reports them (total_memory / 1024^3, GiB), all with bf16: RTX
+# 4060 Ti / A4000 16 GB, RTX 4090 24 GB, A100 40 GB, L40S 48 GB, H100 / A100 80 GB, H200 141 GB. A T4
+# (14.75 GiB, no bf16) is planned with `plan --vram 14.75 --compute-capability 7.5`.
+CARDS = {"16 GB": 15.6, "24 GB": 23.65, "40 GB": 39.39, "48 GB": 44.99, "80 GB": 79.32, "141 GB": 139.80}
 # Searched up to this many tokens, past a model's own context (Unsloth's long-context claims do so too).
 SEARCH_LIMIT = 1_048_576
 
