@@ -96,7 +96,8 @@ PHASES = {
 class Component:
     name: str
     gib: float
-    phase: str            # "static" (held all step) | "loss" | "layer" (backward of one layer) | "generate"
+    phase: str            # "static" (held all step) | "loss" | "layer" / "layer_mlp" / "layer_attention" (backward of
+                          # one layer: the MLP part, then the attention part) | "generate" (before training)
     at_peak: bool
 
 
