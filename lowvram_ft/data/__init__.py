@@ -25,7 +25,7 @@ from .problems import DataError, Problem, location_key
 from .rows import SHAPES, Example, PlainText, detect_shape
 from .sources import SAMPLE_FILE, check_data, looks_like_hub_id, resolve_source, unclosed_quote_line
 from .mixing import LoadedData, load_data, mix_sources, mixture_counts, split_heldout
-from .masking import chat_messages, no_chat_template, render_chat
+from .masking import chat_messages, no_chat_template, reasoning_inline, render_chat
 from .tokenizing import TokenizedData, processes_for, tokenize_data
 from .command import export_jsonl, highlight_markup, inspect, runs
 
@@ -34,7 +34,7 @@ __all__ = [
     "SHAPES", "Example", "PlainText", "detect_shape",
     "SAMPLE_FILE", "check_data", "looks_like_hub_id", "resolve_source", "unclosed_quote_line",
     "LoadedData", "load_data", "mix_sources", "mixture_counts", "split_heldout",
-    "chat_messages", "no_chat_template", "render_chat",
+    "chat_messages", "no_chat_template", "reasoning_inline", "render_chat",
     "TokenizedData", "processes_for", "tokenize_data",
     "export_jsonl", "highlight_markup", "inspect", "runs",
 ]

@@ -9,6 +9,12 @@ from ..harmony import IGNORE_INDEX, HarmonyOptions, encode, render_training
 from .rows import PlainText
 
 HARMONY_MARKERS = ("<|start|>", "<|channel|>", "<|message|>")  # a tokenizer with these renders Harmony
+# Reasoning for chat templates that have no place for it (ChatML as SmolLM2 ships it, many Llama / Mistral
+# templates): the closing assistant turn's content is THINK_OPEN + reasoning + THINK_CLOSE + answer, the
+# form Qwen3 and DeepSeek-R1 generate, which evaluation, chat and `generate --json` parse back
+# (evaluate.generation.parse_output). Earlier assistant turns keep only their answer, as under Harmony.
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+REASONING_PROBE = "lowvram-ft-reasoning-probe"
 
 
 def choose_renderer(tokenizer) -> str | None:
@@ -39,7 +45,7 @@ def render_ids(item: Conversation | PlainText, tokenizer, settings: dict, notes:
     if settings["renderer"] == "harmony":
         options = HarmonyOptions(reasoning_effort=settings["reasoning_effort"], date=settings["date"])
         return encode(select_trained(render_training(item, options), settings["train_on"]), tokenizer)
-    return chat_template_ids(item, tokenizer, settings["train_on"], notes)
+    return chat_template_ids(item, tokenizer, settings["train_on"], notes, settings.get("reasoning") == "inline")
 
 
 def select_trained(segments: list[tuple[str, bool]], train_on: str) -> list[tuple[str, bool]]:
@@ -53,7 +59,8 @@ def select_trained(segments: list[tuple[str, bool]], train_on: str) -> list[tupl
     return segments
 
 
-def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict) -> tuple[list[int], list[int]]:
+def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict,
+                      inline_reasoning: bool = False) -> tuple[list[int], list[int]]:
     """Ids of the whole rendered conversation; assistant spans found by rendering growing prefixes.
 
     For assistant turn i: its text starts where the render of messages[:i] with the generation prompt
@@ -61,7 +68,7 @@ def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict)
     prefixes of the whole render (assistant_span). Templates that rewrite history (dropping earlier
     reasoning) are handled there; a turn that still cannot be located stays untrained and is counted.
     """
-    messages = chat_messages(conv)
+    messages = chat_messages(conv, inline_reasoning)
     full = render_chat(tokenizer, messages, False)
     spans = [assistant_span(tokenizer, messages, i, full) for i, m in enumerate(messages) if m["role"] == "assistant"]
     notes["untrained_turns"] = sum(span is None for span in spans)
@@ -80,19 +87,33 @@ def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict)
     return encode_by_offsets(segments, tokenizer)
 
 
-def chat_messages(conv: Conversation) -> list[dict]:
+def chat_messages(conv: Conversation, inline_reasoning: bool = False) -> list[dict]:
     """Messages for apply_chat_template: one system message (with the reasoning-language line),
-    reasoning under both keys templates use (reasoning_content: Qwen/DeepSeek; thinking: gpt-oss)."""
+    reasoning under both keys templates use (reasoning_content: Qwen/DeepSeek; thinking: gpt-oss) —
+    or, with `inline_reasoning` (a template with no place for it, `reasoning_inline`), written into
+    the content of the closing assistant turn between THINK_OPEN and THINK_CLOSE, and left out of
+    every earlier assistant turn."""
     instructions = conv.instructions()
     if conv.reasoning_language:
         instructions = "\n\n".join(filter(None, [f"reasoning language: {conv.reasoning_language}", instructions]))
     messages = [{"role": "system", "content": instructions}] if instructions else []
-    for m in conv.turns():
+    turns = conv.turns()
+    for i, m in enumerate(turns):
         message = {"role": m.role, "content": m.content}
-        if m.thinking:
+        if m.thinking and not inline_reasoning:
             message.update(reasoning_content=m.thinking, thinking=m.thinking)
+        elif m.thinking and i == len(turns) - 1:
+            message["content"] = f"{THINK_OPEN}{m.thinking.strip()}{THINK_CLOSE}{m.content}"
         messages.append(message)
     return messages
+
+
+def reasoning_inline(tokenizer) -> bool:
+    """Whether the tokenizer's chat template has no place for reasoning (it drops `reasoning_content` /
+    `thinking`), so that chat_messages must write it inline."""
+    probe = [{"role": "user", "content": "x"},
+             {"role": "assistant", "content": "y", "reasoning_content": REASONING_PROBE, "thinking": REASONING_PROBE}]
+    return REASONING_PROBE not in render_chat(tokenizer, probe, False)
 
 
 def render_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:

