@@ -44,7 +44,7 @@ class ConfigError(UserError, ValueError):
 
 
 def doc(text: str, **limits: Any) -> dict:
-    """Field metadata: a one-line doc and optional numeric bounds (min / max, inclusive); `unset` =
+    """Field metadata: a one-line doc and optional numeric bounds (min / max inclusive, above exclusive); `unset` =
     (value, meaning) is a value outside the bounds that is also accepted, e.g. (-1, "run the epochs")."""
     return {"doc": text, **limits}
 
@@ -161,7 +161,8 @@ class EvalConfig:
     samples_per_prompt: int = field(default=1, metadata=doc("Completions per prompt and language.", min=1))
     max_new_tokens: int = field(default=512, metadata=doc("Generation limit; longer = slower eval, fewer truncated samples.", min=1))
     temperature: float = field(default=1.0, metadata=doc("Sampling temperature (gpt-oss recommends 1.0).", min=0.0))
-    top_p: float = field(default=1.0, metadata=doc("Nucleus sampling (gpt-oss recommends 1.0).", min=0.0, max=1.0))
+    top_p: float = field(default=1.0, metadata=doc("Nucleus sampling: the smallest set of tokens holding this share of probability; 1.0 = off "
+        "(gpt-oss recommendation).", above=0.0, max=1.0))
     top_k: int = field(default=0, metadata=doc("Top-k sampling; 0 = off (gpt-oss recommendation).", min=0))
     greedy: bool = field(default=False, metadata=doc("Greedy decoding instead of sampling."))
     answer_in: Literal["user", "target"] = field(default="user", metadata=doc(
@@ -416,6 +417,8 @@ def check_bounds(value: Any, meta: typing.Mapping) -> str | None:
     either = f"must be {unset} ({meaning}) or" if unset is not None else "must be"
     if "min" in meta and value < meta["min"]:
         return f"{either} at least {meta['min']}"
+    if "above" in meta and value <= meta["above"]:
+        return f"{either} above {meta['above']}"
     if "max" in meta and value > meta["max"]:
         return f"{either} at most {meta['max']}"
     return None

@@ -83,9 +83,7 @@ def chat_template_ids(conv: Conversation, tokenizer, train_on: str, notes: dict)
 def chat_messages(conv: Conversation) -> list[dict]:
     """Messages for apply_chat_template: one system message (with the reasoning-language line),
     reasoning under both keys templates use (reasoning_content: Qwen/DeepSeek; thinking: gpt-oss)."""
-    instructions = conv.instructions()
-    if conv.reasoning_language:
-        instructions = "\n\n".join(filter(None, [f"reasoning language: {conv.reasoning_language}", instructions]))
+    instructions = conv.developer_text()
     messages = [{"role": "system", "content": instructions}] if instructions else []
     for m in conv.turns():
         message = {"role": m.role, "content": m.content}
