@@ -75,6 +75,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     console = console or Console(highlight=False, soft_wrap=True, quiet=not procs.main)
     started = time.perf_counter()
     check_trackers(cfg.output.report_to)  # a missing optional tracker fails before anything is written
+    faults = fault_callbacks()  # so does a bad LOWVRAM_FT_FAULT (testing/faults.py)
     run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, run, resume=resume)), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
     resume_from = checkpoints.resume_point(run_dir) if resume else None
@@ -115,7 +116,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     progress = make_progress_callback(run_dir, device, console, history=history, monitor=monitor)
     point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
-                            [*fault_callbacks(), progress, run_state.make_run_callback(run)], packing=packing)
+                            [*faults, progress, run_state.make_run_callback(run)], packing=packing)
     kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
     if procs.sharded and not as_prepared(procs, kind).sharded:
         log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
