@@ -52,6 +52,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, console=Non
             raise run_state.out_of_memory(run, error) from None
         raise
     finally:
+        run.release()  # after the clean-up: nobody may take the folder while a failed run is put back
         run.restore_signal_handlers()
         end_process_group()
 
@@ -179,10 +180,17 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
     """Create the run folder and save the resolved config in it. A folder this tool did not write is
     never used (folders.py); a finished or unfinished run of ours is replaced only with --overwrite, and
     then only once the new run has its first checkpoint or has finished (`run.replacement`). With
-    resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
+    resume, the folder must hold an unfinished run with a complete checkpoint, and is kept. The folder is
+    locked for the run (folders.hold, `run.lock`): a folder another process is training in is refused."""
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file — pass a folder to --output")
+    try:
+        lock = folders.hold(run_dir, "resuming" if resume else "training")  # before any look: it may be in use
+    except OSError as error:
+        raise unwritable(run_dir, error) from None
+    if run is not None:
+        run.lock = lock
     if resume:
         resume_point(run_dir)
         return run_dir
@@ -200,12 +208,16 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     except OSError as error:
         replacement.abort()
-        raise RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output") from None
+        raise unwritable(run_dir, error) from None
     if run is not None:
         run.replacement = replacement
     else:
         replacement.commit()
     return run_dir
+
+
+def unwritable(run_dir: Path, error: OSError) -> RunDirError:
+    return RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output")
 
 
 def check_fit(cfg: Config, device, force: bool, console) -> Config:

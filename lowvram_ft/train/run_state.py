@@ -63,6 +63,7 @@ class RunState:
         self.fresh = True  # a new run (not --resume): removed again if it fails before its first checkpoint
         self.stop_signal: int | None = None
         self.replacement = None  # folders.Replacement of a new run: the earlier run it replaces, kept until keep()
+        self.lock = None  # folders.FolderLock on the run folder, held until release()
         self._previous: dict = {}
 
     def begin(self, run_dir: Path, fresh: bool) -> Path:
@@ -114,6 +115,12 @@ class RunState:
         """The new run stands (its first checkpoint, or its end): an earlier run it replaces goes."""
         if self.replacement is not None:
             self.replacement.commit()
+
+    def release(self) -> None:
+        """The run folder is free for other processes again."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def clean_up(self) -> None:
         """A new run that failed before writing a checkpoint leaves nothing behind, and an earlier run it

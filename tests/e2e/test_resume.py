@@ -215,3 +215,27 @@ def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_pa
     assert "not enough free disk space for 3 checkpoints and the adapter" in line and "0.00 GiB free" in line
     assert not run_dir.exists()
 
+
+
+def test_a_run_in_progress_holds_its_folder_against_every_other_train_until_it_dies(tmp_path):
+    """Two real trainings into one folder: the second is refused, with or without --overwrite / --resume
+    (following the advice of old, --overwrite, would have moved the live run aside); after a SIGKILL of
+    the first the folder is free at once (the OS dropped the lock)."""
+    from lowvram_ft import folders
+
+    run_dir = tmp_path / "run"
+    long = [a if a != "train.max_steps=12" else "train.max_steps=500" for a in SHORT]
+    first = start(run_dir, *long, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_step(first, run_dir, 1)
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            second = train(run_dir, *flags, *([] if flags == ["--resume"] else long))
+            assert second.returncode == 2, second.stderr[-3000:]
+            line = next(line for line in second.stderr.splitlines() if line.startswith("error: "))
+            assert f"{run_dir}: in use by process {first.pid} (training; python -m lowvram_ft train --output " in line
+            assert first.poll() is None and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run_dir / "config.yaml").is_file() and metrics(run_dir)  # the first run's folder, untouched
+    folders.hold(run_dir, "training").release()
