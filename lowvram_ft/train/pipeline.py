@@ -192,7 +192,7 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
     if run is not None:
         run.lock = lock
     if resume:
-        resume_point(run_dir)
+        checkpoints.check_processes(run_dir, resume_point(run_dir), processes().world_size)
         return run_dir
     try:
         folders.refuse_foreign(run_dir, "run", "--output")

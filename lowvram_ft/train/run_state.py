@@ -20,7 +20,7 @@ from ..io import GIB
 from ..memory import headline_gib, peak_figures
 from .checkpoints import (STATE_FILE, checkpoint_dir, keep_newest, latest_checkpoint, list_checkpoints,
                           mark_complete, resume_command, run_changes)
-from .distributed import wait_for_every_process
+from .distributed import processes, this_launch, wait_for_every_process
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SAVE_MARGIN = 1.1  # free space wanted over the expected size of a save, plus SAVE_SLACK_BYTES
@@ -64,6 +64,7 @@ class RunState:
         self.stop_signal: int | None = None
         self.replacement = None  # folders.Replacement of a new run: the earlier run it replaces, kept until keep()
         self.lock = None  # folders.FolderLock on the run folder, held until release()
+        self.launch = this_launch(processes())  # how lowvram_ft was started, for the resume hints
         self._previous: dict = {}
 
     def begin(self, run_dir: Path, fresh: bool) -> Path:
@@ -107,7 +108,7 @@ class RunState:
                     f"evaluate it with: python -m lowvram_ft eval --run {shlex.quote(str(run_dir))}")
         where = f"during step {self.step + 1}" if at_once and self.phase == "train" else f"at step {self.step}"
         saved = f"checkpoint {latest.path} (step {latest.step})" if latest else "no checkpoint"
-        return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir)}"
+        return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir, launch=self.launch)}"
 
     # -- failure: out-of-memory advice and no half-made folder
 
@@ -163,7 +164,7 @@ def make_run_callback(run: RunState):
             wait_for_every_process()  # each process has written its RNG state
             if args.should_save:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                mark_complete(folder, state.global_step, args.world_size)
+                mark_complete(folder, state.global_step, args.world_size, run.launch)
                 keep_newest(Path(args.output_dir).parent, run.cfg.train.keep_checkpoints)
             wait_for_every_process()
             run.keep()  # a checkpoint of the new run exists: the run it replaces is no longer needed
@@ -242,7 +243,7 @@ def out_of_memory(run: RunState, error: BaseException) -> OutOfMemory:
     if latest is not None and run.phase in ("train", "save"):
         lines.append(f"checkpoint {latest.path} (step {latest.step}) is intact")
         if resumable is not None:
-            lines.append(f"continue from it with: {resume_command(run.run_dir, resumable)}")
+            lines.append(f"continue from it with: {resume_command(run.run_dir, resumable, run.launch)}")
         else:
             lines.append("these changes alter what is trained: start a new run with them (--overwrite)")
     elif run.phase == "eval" and run.run_dir is not None:

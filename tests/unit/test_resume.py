@@ -19,7 +19,7 @@ from lowvram_ft.train import checkpoints, run_state
 # --------------------------------------------------------------------------- refusals (no model is loaded)
 
 
-def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
+def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=(), processes=1, launch=None) -> Path:
     """A run folder as training leaves it, with checkpoints that pass the completeness check."""
     run_dir = tmp_path / "run"
     cfg = load_config(ROOT / "configs/embedded.yaml", ["train.max_steps=12", "eval.enabled=false", *overrides])
@@ -28,10 +28,11 @@ def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
     for step in steps:
         folder = run_dir / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir()
-        for name in (*checkpoints.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
+        rng = [f"rng_state_{rank}.pth" for rank in range(processes)] if processes > 1 else ["rng_state.pth"]
+        for name in (*checkpoints.REQUIRED_FILES, *rng, "adapter_model.safetensors"):
             (folder / name).write_text("x")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        checkpoints.mark_complete(folder, step, processes=1)
+        checkpoints.mark_complete(folder, step, processes=processes, launch=launch)
     if finished:
         (run_dir / "summary.json").write_text("{}")
     return run_dir
@@ -62,6 +63,28 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
         assert proc.returncode == 2, name
         assert proc.stderr.startswith(f"error: {run_dir}: {message}"), (name, proc.stderr)
     assert cli("train", "--resume").stderr.startswith("error: --resume: name the run to continue with --output RUN")
+
+
+def test_resume_with_another_number_of_processes_is_refused_naming_both(tmp_path):
+    launch = "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m lowvram_ft"
+    run_dir = fake_run(tmp_path, steps=(4,), processes=2, launch=launch)
+    proc = cli("train", "--output", str(run_dir), "--resume")  # one process
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"error: {run_dir}: the run was started with 2 processes, this resume has 1 process — resume it with 2, "
+        f"as it was started: {launch} train --output {run_dir} --resume")
+    single = fake_run(tmp_path / "one", steps=(4,))
+    with pytest.raises(checkpoints.ResumeError, match="started with 1 process, this resume has 4 processes"):
+        checkpoints.check_processes(single, checkpoints.latest_checkpoint(single), 4)
+    checkpoints.check_processes(single, checkpoints.latest_checkpoint(single), 1)
+
+
+def test_the_resume_hints_give_the_command_that_started_the_run(tmp_path):
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml"))
+    run.launch = "torchrun --nproc_per_node 2 -m lowvram_ft"
+    run.run_dir, run.fresh, run.phase, run.step = fake_run(tmp_path, steps=(4,)), False, "train", 5
+    message = run.interrupt_message(15, at_once=False)
+    assert message.endswith(f"resume with: torchrun --nproc_per_node 2 -m lowvram_ft train --output {run.run_dir} --resume")
 
 
 def test_an_interrupted_run_folder_suggests_resume_and_a_finished_one_needs_overwrite(tmp_path):
