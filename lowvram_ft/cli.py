@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, describe_fields, family_recipe, load_config
+from .config import ConfigError, default_dataset, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
 from . import chat, data, evaluate, export, plan
 from .evaluate import report, scoring
@@ -185,12 +185,25 @@ def resolve(args: argparse.Namespace):
         cfg = load_config(args.config, overrides)
     except OSError as error:  # exists but cannot be read (permissions, I/O error)
         raise unreadable(error, args.config) from None
-    recipe = family_recipe(cfg.model.name) if args.config is None else ()
-    if not recipe:
+    if args.config is not None:  # the config decides the recipe and the data set
         return cfg
-    print(f"[lowvram_ft] config: no --config for {cfg.model.name}: the 16 GB recipe {' '.join(recipe)} "
-          "(flags and overrides still win)", file=sys.stderr)
-    return load_config(None, [*recipe, *overrides])
+    recipe = family_recipe(cfg.model.name)
+    if recipe:
+        print(f"[lowvram_ft] config: no --config for {cfg.model.name}: the 16 GB recipe {' '.join(recipe)} "
+              "(flags and overrides still win)", file=sys.stderr)
+    dataset = ()
+    if not dataset_given(args, overrides) and default_dataset(cfg.model.name) not in cfg.data.dataset:
+        dataset = (f"data.dataset=[{quote(default_dataset(cfg.model.name))}]",)
+        print(f"[lowvram_ft] data: no --dataset for {cfg.model.name}: {default_dataset(cfg.model.name)}, the data "
+              "set this job is built around (--dataset sample for the shipped sample, or a local file)",
+              file=sys.stderr)
+    if not recipe and not dataset:
+        return cfg
+    return load_config(None, [*recipe, *dataset, *overrides])
+
+
+def dataset_given(args: argparse.Namespace, overrides: list[str]) -> bool:
+    return bool(getattr(args, "dataset", None)) or any(o.partition("=")[0].strip() == "data.dataset" for o in overrides)
 
 
 def unreadable(error: OSError, path) -> ConfigError:

@@ -22,6 +22,7 @@ EMBEDDED_MODEL = "embedded"  # the tiny gpt-oss-shaped model the package builds 
 EMBEDDED_QWEN3_MODEL = "embedded-qwen3"  # its dense sibling, shaped like Qwen3 (embedded.py)
 EMBEDDED_MODELS = (EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL)
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
+MULTILINGUAL_THINKING = "HuggingFaceH4/Multilingual-Thinking"  # the data set of the reasoning-language job
 # Names in Unsloth's chat-template registry (unsloth.chat_templates.CHAT_TEMPLATES, 2026.10.9; a test
 # checks this list against it), less gpt-oss / gptoss: gpt-oss renders Harmony through harmony.py.
 # Kept here, not read from unsloth, so that loading a config imports no unsloth.
@@ -499,6 +500,13 @@ def family_recipe(model_name: str) -> tuple[str, ...]:
     if "gpt-oss" in model_name.lower() or _local_model_type(model_name) == "gpt_oss":
         return GPT_OSS_RECIPE
     return ()
+
+
+def default_dataset(model_name: str) -> str:
+    """The data set a command line without --dataset (and without --config) trains on: the shipped sample
+    for the embedded models, which exist for tests and demos; for a real model, the data set this job
+    is built around (720 templated sample rows would teach a real model their template)."""
+    return SAMPLE_DATASET if model_name in EMBEDDED_MODELS else MULTILINGUAL_THINKING
 
 
 def _local_model_type(model_name: str) -> str | None:

@@ -173,7 +173,7 @@ def build_step(check: Check, python: str) -> Step:
 
 def headline_step(check: Check, python: str) -> Step:
     command = [python, "-m", "lowvram_ft", "train", "--model", str(check.model_dir), "--output", str(check.run_dir),
-               "--overwrite", "model.max_seq_length=1024", "lora.r=8", "lora.alpha=16",
+               "--overwrite", "--dataset", "sample", "model.max_seq_length=1024", "lora.r=8", "lora.alpha=16",
                f"train.max_steps={check.train_steps}", "train.warmup_steps=2", "data.max_rows=256",
                "eval.enabled=false"]
     if check.model == BUILT_MODEL:

@@ -7,6 +7,7 @@ the step and checkpoint, out of memory becomes advice, a failed new run leaves n
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from datetime import datetime
@@ -346,6 +347,9 @@ def describe_source(source: str) -> str:
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or path.exists():
         return f"{source} ({'found' if path.is_file() else 'NOT FOUND'})"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return (f"{source} (Hugging Face Hub id; offline: from the local cache only — without it, "
+                "--dataset sample or a local file)")
     return f"{source} (Hugging Face Hub id)"
 
 
