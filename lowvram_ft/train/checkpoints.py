@@ -147,6 +147,11 @@ def checksum_problem(path: Path) -> str | None:
     return size_problem(path)
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint on disk: all its files."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     complete, _ = list_checkpoints(run_dir)
     return complete[-1] if complete else None

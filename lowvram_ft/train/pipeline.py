@@ -3,7 +3,8 @@
 resolve run folder (or the checkpoint to resume) → read data → decide device → load model → add LoRA →
 tokenize → train (checkpoints) → save → evaluate (base vs tuned) → report. Each step is one call whose
 result feeds the next. `train` adds what makes a run survive (run_state.py): Ctrl-C / SIGTERM finish
-the step and checkpoint, out of memory becomes advice, a failed new run leaves no folder behind.
+the step and checkpoint, out of memory becomes advice, a full disk says how to resume, a failed new run
+leaves no folder behind.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, console=Non
         run.clean_up()
         if is_out_of_memory(error):
             raise run_state.out_of_memory(run, error) from None
+        full = run_state.disk_full(run, error)
+        if full is not None and full is not error:
+            raise full from None
         raise
     finally:
         run.release()  # after the clean-up: nobody may take the folder while a failed run is put back

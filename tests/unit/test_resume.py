@@ -160,6 +160,46 @@ def test_disk_space_is_checked_before_anything_is_written(tmp_path, monkeypatch)
     assert run_state.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
 
 
+def test_the_space_for_a_next_checkpoint_is_the_size_of_the_one_already_written(tmp_path, monkeypatch):
+    import torch
+
+    model = torch.nn.Linear(100, 10)
+    run_dir = fake_run(tmp_path, steps=(4,))
+    latest = checkpoints.latest_checkpoint(run_dir).path
+    (latest / "optimizer.pt").write_bytes(b"x" * 4_500_000)  # the embedded demo's checkpoint: about 4.5 MB
+    checkpoints.mark_complete(latest, 4, processes=1)
+    size = checkpoints.checkpoint_bytes(latest)
+    assert size == sum(p.stat().st_size for p in latest.iterdir())
+    assert run_state.checkpoint_need(run_dir, model, "adamw_torch") == (size, run_state.MEASURED_SLACK_BYTES)
+    assert run_state.checkpoint_need(tmp_path / "new", model, "adamw_torch") == (
+        run_state.save_sizes(model, "adamw_torch")[1], run_state.SAVE_SLACK_BYTES)  # nothing written yet: estimated
+    monkeypatch.setattr(run_state, "free_bytes", lambda path: 7 * 10**6)  # 7 MB free: room for one more
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml", ["train.keep_checkpoints=1"]))
+    run.run_dir = run_dir
+    run_state.check_run_space(run, model, "adamw_torch")  # asked 0.07 GiB before it knew the size
+    monkeypatch.setattr(run_state, "free_bytes", lambda path: 4 * 10**6)
+    with pytest.raises(run_state.DiskSpaceError, match=r"1 checkpoint and the adapter: needs about 0.01 GiB, 0.00 GiB free"):
+        run_state.check_run_space(run, model, "adamw_torch")
+
+
+def test_a_full_disk_in_training_says_how_to_resume_once_there_is_room(tmp_path):
+    import errno
+
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml"))
+    run.run_dir, run.phase, run.launch = fake_run(tmp_path, steps=(4, 8)), "train", "python -m lowvram_ft"
+    resume = f"continue with: python -m lowvram_ft train --output {run.run_dir} --resume"
+    checked = run_state.DiskSpaceError(f"{run.run_dir}: not enough free disk space for checkpoint checkpoint-12: ...")
+    refused_write = OSError(errno.ENOSPC, "No space left on device", str(run.run_dir / "x.pt"))
+    for error in (checked, refused_write):
+        lines = str(run_state.disk_full(run, error)).splitlines()
+        assert lines[1] == (f"checkpoint {run.run_dir / 'checkpoints' / 'checkpoint-8'} (step 8) is intact — once "
+                            f"there is room, {resume}")
+    assert str(run_state.disk_full(run, refused_write)).startswith(f"{run.run_dir / 'x.pt'}: the disk is full (No space")
+    assert run_state.disk_full(run, ValueError("x")) is None
+    run.run_dir = fake_run(tmp_path / "new", steps=())  # no checkpoint yet: nothing to resume
+    assert run_state.disk_full(run, checked) is checked
+
+
 def test_out_of_memory_message_names_the_phase_and_the_planner_advice():
     cfg = load_config(ROOT / "configs/gpt-oss-20b.yaml")
     run = run_state.RunState(cfg)
