@@ -16,6 +16,7 @@ from .evaluate import report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
 from .train import pipeline
+from .terminal import VERBOSE_ENV
 from .train.checkpoints import resume_config
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     if getattr(args, "verbose", False):
-        os.environ["LOWVRAM_FT_VERBOSE"] = "1"  # model.quiet_known_noise: show the libraries' own output
+        os.environ[VERBOSE_ENV] = "1"  # model.quiet_known_noise: show the libraries' own output
     try:
         return int(args.run(args) or 0)
     except ConfigError as error:

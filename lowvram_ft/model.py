@@ -15,6 +15,7 @@ from .errors import UserError, is_out_of_memory
 from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, Config
 from .embedded import embedded_model_dir
 from .gptoss_tokenizer import load_gptoss_tokenizer
+from .terminal import verbose
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -28,7 +29,6 @@ class ModelError(UserError, RuntimeError):
 # per-row progress bars for loads and dataset passes that take well under a second at our sizes.
 QUIET_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 QUIET_PROGRESS = ("Loading weights",)
-VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"
 
 
 def import_unsloth():
@@ -42,10 +42,6 @@ def import_unsloth():
         raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (README, Installation)") from None
     quiet_progress_bars()
     return unsloth
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def quiet_known_noise() -> None:

@@ -18,10 +18,13 @@ from .. import folders
 from .. import model as models
 from ..data import load_data, tokenize_data
 from ..errors import UserError, is_out_of_memory
+from ..conversation import Conversation, Message
 from ..evaluate import evaluate_model
+from ..evaluate.generation import PromptError, prompt_text
 from ..config import EMBEDDED_MODELS, Config, ConfigError, load_config, parse_override, to_dict, to_yaml
 from ..io import write_atomic as write_text_atomic, write_json as write_json_atomic
 from ..device import detect_device, stack_versions
+from ..harmony import HarmonyOptions
 from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from ..model import input_device
 from ..plan import decide_fit
@@ -285,21 +288,31 @@ def publish_sharded_adapter(tokenizer, run_dir: Path) -> Path:
     return final
 
 
-PROBE_TEXT = "<|start|>user<|message|>What is 12 plus 30?<|end|><|start|>assistant"
+PROBE_QUESTION = "What is 12 plus 30?"
+
+
+def probe_text(tokenizer) -> str:
+    """The probe's prompt as the model is prompted: by its own renderer (Harmony for gpt-oss, else its chat
+    template), the question alone for a tokenizer without one."""
+    try:
+        return prompt_text(Conversation((Message("user", PROBE_QUESTION),)), tokenizer, HarmonyOptions())
+    except PromptError:
+        return PROBE_QUESTION
 
 
 def probe_logits(model, tokenizer) -> dict:
     """Last-position logits of a fixed prompt, as trained: a reloaded adapter must reproduce them."""
     import torch
 
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    text = probe_text(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         logits = model(input_ids=ids.to(input_device(model))).logits[0, -1].float().cpu()
     model.train(was_training)
     top = torch.topk(logits, k=min(8, logits.numel()))
-    return {"text": PROBE_TEXT, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
+    return {"text": text, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
 
 
 def describe_resume(run_dir: Path, resume_from) -> str:

@@ -138,10 +138,11 @@ def test_reports_are_written_from_result_tables(tmp_path):
     assert hashlib.sha256(png).hexdigest()  # written, readable
 
 
-def test_embedded_model_is_built_deterministically(tmp_path):
+def test_embedded_model_is_built_deterministically_and_quietly(tmp_path, capfd):
     from lowvram_ft.embedded import build_embedded
 
     build_embedded(tmp_path / "a")
+    assert "Writing model shards" not in capfd.readouterr().err  # a harmless bar: only with --verbose
     build_embedded(tmp_path / "b")
     for name in ("tokenizer.json", "model.safetensors", "config.json", "chat_template.jinja"):
         a, b = (tmp_path / "a" / name), (tmp_path / "b" / name)
