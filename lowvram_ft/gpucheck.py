@@ -10,8 +10,9 @@ slow or failing step cannot lose the others. A step whose prerequisite failed is
   build        the random gpt-oss-20b checkpoint in the split bnb-4bit layout users load
                (gptoss_checkpoint.build_split_checkpoint; Unsloth loads it as unsloth/gpt-oss-20b-unsloth-bnb-4bit)
   headline     `train` on it as the README's headline command runs (the gpt-oss 16 GB recipe: seq 1024,
-               r=8, attention + experts) for --train-steps steps on an emulated --card-gib card, with the
-               planner's prediction beside the measurement
+               r=8, attention + experts; on the shipped sample, the node having no network) for
+               --train-steps steps on an emulated --card-gib card, with the planner's prediction beside
+               the measurement
   bench        ours vs hf at seq 1024 and 2048, batch 1, steady-state steps, and the longest sequence at
                batch 1 within 16 GiB (lowvram_ft/bench/cases/gpu-check.yaml)
   smoke        the reasoning-language smoke test of the headline run on the emulated card

@@ -39,7 +39,7 @@ def import_unsloth():
     try:
         import unsloth  # noqa: F401  (must precede trl / transformers / peft)
     except ImportError as error:
-        raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (README, Installation)") from None
+        raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (docs/installation.md)") from None
     quiet_progress_bars()
     return unsloth
 

@@ -129,7 +129,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
     if procs.sharded and not as_prepared(procs, kind).sharded:
         log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
-            f"{kind}, plain data parallel: every process holds the whole model (README, More than one GPU)")
+            f"{kind}, plain data parallel: every process holds the whole model (docs/multi-gpu.md)")
     procs = as_prepared(procs, kind)
     run.phase = "train"
     trained = fit(trainer, str(resume_from.path) if resume_from else None)
