@@ -6,12 +6,13 @@ imported when the command runs, so `--help` and `--dry-run` never load torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from .config import ConfigError, default_dataset, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
-from . import chat, data, evaluate, export, plan
+from . import chat, data, evaluate, export, folders, plan
 from .evaluate import report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
@@ -291,7 +292,9 @@ def run_eval(args) -> int:
         cfg = resolve(args)
         adapter = args.adapter
         out_dir = Path(args.output) if args.output else Path("runs") / ("smoke" if args.smoke else "eval")
-    result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
+    # A run's folder is in use while it is evaluated into (smoke writes RUN/smoke): no train --overwrite meanwhile.
+    with folders.hold(Path(args.run_dir), "evaluating") if args.run_dir else contextlib.nullcontext():
+        result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
     print(f"evaluation written to {out_dir}")
     threshold = getattr(args, "min_think_match", None)
     if threshold is not None:

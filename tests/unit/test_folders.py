@@ -231,9 +231,10 @@ def test_train_into_a_folder_in_use_is_refused_whatever_the_flags(holder, flags)
     assert tree(run) == before and proc.poll() is None
 
 
-def test_export_and_eval_into_a_folder_in_use_are_refused(holder):
+def test_export_eval_and_smoke_of_a_folder_in_use_are_refused(holder):
     run, proc = holder
-    for args in (["export", "--run", str(run), "--format", "lora"], ["eval", "--run", str(run)]):
+    for args in (["export", "--run", str(run), "--format", "lora"], ["eval", "--run", str(run)],
+                 ["smoke", "--run", str(run)]):
         result = cli(*args)
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"in use by process {proc.pid}" in "\n".join(error_lines(result))
