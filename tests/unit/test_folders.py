@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from helpers import cli_here
 from lowvram_ft import folders
 from lowvram_ft.config import load_config, to_yaml
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return cli_here(*args)  # every case stops before a model is loaded: in this process
 
 
 def user_folder(path: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from helpers import cli, steps_of
+from helpers import cli_here as cli, steps_of
 from lowvram_ft.config import load_config, to_dict, to_yaml
 from lowvram_ft.errors import is_out_of_memory
 from lowvram_ft.train import checkpoints, run_state

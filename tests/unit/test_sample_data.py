@@ -276,11 +276,14 @@ def test_eval_suite_loads_with_project_loader():
 
 # --------------------------------------------------------------------------- which data set a command line trains on
 
-def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    import os
+def dry_run(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`train --dry-run` in this process (it imports nothing heavy and writes nothing; conftest keeps the Hub
+    offline): the same output as the command line, without a Python start-up per case."""
+    from lowvram_ft.cli import main
 
-    return subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--dry-run", *args], cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True, timeout=120)
+    code = main(["train", "--dry-run", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.mark.parametrize("args, dataset, said", [
@@ -290,10 +293,10 @@ def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
     (["--model", "embedded-qwen3"], "sample", False),
     (["--model", "unsloth/gpt-oss-20b", "--dataset", "sample"], "sample", False),
     (["--model", "unsloth/gpt-oss-20b", "data.dataset=[mine.jsonl]"], "mine.jsonl", False),
-    (["--config", "configs/embedded.yaml", "--model", "unsloth/gpt-oss-20b"], "sample", False),  # the config decides
+    (["--config", str(ROOT / "configs/embedded.yaml"), "--model", "unsloth/gpt-oss-20b"], "sample", False),  # the config decides
 ])
-def test_a_real_model_trains_on_multilingual_thinking_unless_told_otherwise(args, dataset, said):
-    proc = dry_run(*args)
+def test_a_real_model_trains_on_multilingual_thinking_unless_told_otherwise(capsys, args, dataset, said):
+    proc = dry_run(capsys, *args)
     assert proc.returncode == 0, proc.stderr
     assert f"\n  dataset:\n  - {dataset}\n" in proc.stdout
     printed = " ".join(proc.stdout.split())  # the console wraps long lines
