@@ -6,17 +6,19 @@ imported when the command runs, so `--help` and `--dry-run` never load torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-from .config import ConfigError, describe_fields, family_recipe, load_config
+from .config import ConfigError, default_dataset, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
-from . import chat, data, evaluate, export, plan
+from . import chat, data, evaluate, export, folders, plan
 from .plan import inputs as plan_inputs
 from .evaluate import report, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
 from .train import pipeline
+from .terminal import VERBOSE_ENV
 from .train.checkpoints import resume_config
 
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     if getattr(args, "verbose", False):
-        os.environ["LOWVRAM_FT_VERBOSE"] = "1"  # model.quiet_known_noise: show the libraries' own output
+        os.environ[VERBOSE_ENV] = "1"  # model.quiet_known_noise: show the libraries' own output
     try:
         return int(args.run(args) or 0)
     except ConfigError as error:
@@ -198,12 +200,25 @@ def resolve(args: argparse.Namespace):
         cfg = load_config(args.config, overrides)
     except OSError as error:  # exists but cannot be read (permissions, I/O error)
         raise unreadable(error, args.config) from None
-    recipe = family_recipe(cfg.model.name) if args.config is None else ()
-    if not recipe:
+    if args.config is not None:  # the config decides the recipe and the data set
         return cfg
-    print(f"[lowvram_ft] config: no --config for {cfg.model.name}: the 16 GB recipe {' '.join(recipe)} "
-          "(flags and overrides still win)", file=sys.stderr)
-    return load_config(None, [*recipe, *overrides])
+    recipe = family_recipe(cfg.model.name)
+    if recipe:
+        print(f"[lowvram_ft] config: no --config for {cfg.model.name}: the 16 GB recipe {' '.join(recipe)} "
+              "(flags and overrides still win)", file=sys.stderr)
+    dataset = ()
+    if not dataset_given(args, overrides) and default_dataset(cfg.model.name) not in cfg.data.dataset:
+        dataset = (f"data.dataset=[{quote(default_dataset(cfg.model.name))}]",)
+        print(f"[lowvram_ft] data: no --dataset for {cfg.model.name}: {default_dataset(cfg.model.name)}, the data "
+              "set this job is built around (--dataset sample for the shipped sample, or a local file)",
+              file=sys.stderr)
+    if not recipe and not dataset:
+        return cfg
+    return load_config(None, [*recipe, *dataset, *overrides])
+
+
+def dataset_given(args: argparse.Namespace, overrides: list[str]) -> bool:
+    return bool(getattr(args, "dataset", None)) or any(o.partition("=")[0].strip() == "data.dataset" for o in overrides)
 
 
 def unreadable(error: OSError, path) -> ConfigError:
@@ -290,7 +305,9 @@ def run_eval(args) -> int:
         cfg = resolve(args)
         adapter = args.adapter
         out_dir = Path(args.output) if args.output else Path("runs") / ("smoke" if args.smoke else "eval")
-    result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
+    # A run's folder is in use while it is evaluated into (smoke writes RUN/smoke): no train --overwrite meanwhile.
+    with folders.hold(Path(args.run_dir), "evaluating") if args.run_dir else contextlib.nullcontext():
+        result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
     print(f"evaluation written to {out_dir}")
     threshold = getattr(args, "min_think_match", None)
     if threshold is not None:

@@ -25,6 +25,7 @@ EMBEDDED_MODELS = (EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL)
 PACKAGED_MODEL = "smollm2"
 PACKAGED_MODELS = (PACKAGED_MODEL,)
 SAMPLE_DATASET = "sample"  # the Multilingual-Thinking-style data set shipped in lowvram_ft/assets
+MULTILINGUAL_THINKING = "HuggingFaceH4/Multilingual-Thinking"  # the data set of the reasoning-language job
 # Names in Unsloth's chat-template registry (unsloth.chat_templates.CHAT_TEMPLATES, 2026.10.9; a test
 # checks this list against it), less gpt-oss / gptoss: gpt-oss renders Harmony through harmony.py.
 # Kept here, not read from unsloth, so that loading a config imports no unsloth.
@@ -47,7 +48,7 @@ class ConfigError(UserError, ValueError):
 
 
 def doc(text: str, **limits: Any) -> dict:
-    """Field metadata: a one-line doc and optional numeric bounds (min / max, inclusive); `unset` =
+    """Field metadata: a one-line doc and optional numeric bounds (min / max inclusive, above exclusive); `unset` =
     (value, meaning) is a value outside the bounds that is also accepted, e.g. (-1, "run the epochs")."""
     return {"doc": text, **limits}
 
@@ -166,7 +167,8 @@ class EvalConfig:
     samples_per_prompt: int = field(default=1, metadata=doc("Completions per prompt and language.", min=1))
     max_new_tokens: int = field(default=512, metadata=doc("Generation limit; longer = slower eval, fewer truncated samples.", min=1))
     temperature: float = field(default=1.0, metadata=doc("Sampling temperature (gpt-oss recommends 1.0).", min=0.0))
-    top_p: float = field(default=1.0, metadata=doc("Nucleus sampling (gpt-oss recommends 1.0).", min=0.0, max=1.0))
+    top_p: float = field(default=1.0, metadata=doc("Nucleus sampling: the smallest set of tokens holding this share of probability; 1.0 = off "
+        "(gpt-oss recommendation).", above=0.0, max=1.0))
     top_k: int = field(default=0, metadata=doc("Top-k sampling; 0 = off (gpt-oss recommendation).", min=0))
     greedy: bool = field(default=False, metadata=doc("Greedy decoding instead of sampling."))
     answer_in: Literal["user", "target"] = field(default="user", metadata=doc(
@@ -421,6 +423,8 @@ def check_bounds(value: Any, meta: typing.Mapping) -> str | None:
     either = f"must be {unset} ({meaning}) or" if unset is not None else "must be"
     if "min" in meta and value < meta["min"]:
         return f"{either} at least {meta['min']}"
+    if "above" in meta and value <= meta["above"]:
+        return f"{either} above {meta['above']}"
     if "max" in meta and value > meta["max"]:
         return f"{either} at most {meta['max']}"
     return None
@@ -501,6 +505,13 @@ def family_recipe(model_name: str) -> tuple[str, ...]:
     if "gpt-oss" in model_name.lower() or _local_model_type(model_name) == "gpt_oss":
         return GPT_OSS_RECIPE
     return ()
+
+
+def default_dataset(model_name: str) -> str:
+    """The data set a command line without --dataset (and without --config) trains on: the shipped sample
+    for the embedded models, which exist for tests and demos; for a real model, the data set this job
+    is built around (720 templated sample rows would teach a real model their template)."""
+    return SAMPLE_DATASET if model_name in EMBEDDED_MODELS else MULTILINGUAL_THINKING
 
 
 def _local_model_type(model_name: str) -> str | None:

@@ -39,6 +39,15 @@ class Conversation:
         """The system/developer text, joined; '' when there is none."""
         return "\n\n".join(m.content for m in self.messages if m.role in ("system", "developer") and m.content)
 
+    def developer_text(self) -> str:
+        """The instruction text every renderer writes: `reasoning language: X` (when set), one blank line,
+        then the system/developer text, verbatim. Instruction text that is only blank lines (what is left
+        of a row's system message after its language line is lifted) follows the language line as it
+        stands, so `"reasoning language: X\\n\\n"` renders as written. '' when there is neither."""
+        language = f"reasoning language: {self.reasoning_language}" if self.reasoning_language else ""
+        instructions = self.instructions()
+        return language + ("\n\n" if language and instructions.strip() else "") + instructions
+
     def turns(self) -> tuple[Message, ...]:
         """The user/assistant/tool turns, in order."""
         return tuple(m for m in self.messages if m.role not in ("system", "developer"))

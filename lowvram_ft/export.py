@@ -64,23 +64,25 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, push: str | None = 
     cfg = run_config(run_dir, [])
     adapter = adapter_dir(run_dir)
     out = Path(out) if out else run_dir / "export" / fmt
-    token = check_request(fmt, out, overwrite, push)  # nothing heavy imported yet
+    # The run read and the folder written are in use until the export ends (no train --overwrite meanwhile).
+    with folders.hold(run_dir, "exporting"), folders.hold(out, "exporting"):
+        token = check_request(fmt, out, overwrite, push)  # nothing heavy imported yet
 
-    models.import_unsloth()
-    device = detect_device()
-    log(console, "device", device.reason)
-    problem = format_problem(fmt, device.kind)
-    if problem:
-        raise ExportError(problem)
-    check_resources(fmt, cfg, device, adapter, out, console)
+        models.import_unsloth()
+        device = detect_device()
+        log(console, "device", device.reason)
+        problem = format_problem(fmt, device.kind)
+        if problem:
+            raise ExportError(problem)
+        check_resources(fmt, cfg, device, adapter, out, console)
 
-    model, tokenizer = load_run_model(cfg, device, adapter)
-    log(console, "model", f"{cfg.model.name} + adapter {adapter}")
-    write_export(model, tokenizer, fmt, run_dir, cfg, out, gguf_quant)
-    log(console, "export", f"{fmt} written to {out} ({folder_gib(out):.3f} GiB)")
-    if push:
-        url = upload(out, push, token, private=not public)
-        log(console, "push", f"uploaded to {url} ({'public' if public else 'private'})")
+        model, tokenizer = load_run_model(cfg, device, adapter)
+        log(console, "model", f"{cfg.model.name} + adapter {adapter}")
+        write_export(model, tokenizer, fmt, run_dir, cfg, out, gguf_quant)
+        log(console, "export", f"{fmt} written to {out} ({folder_gib(out):.3f} GiB)")
+        if push:
+            url = upload(out, push, token, private=not public)
+            log(console, "push", f"uploaded to {url} ({'public' if public else 'private'})")
     return out
 
 

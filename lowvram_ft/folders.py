@@ -8,13 +8,24 @@ file system) and deleted only once the new work has succeeded (`Replacement.comm
 back (`Replacement.abort`). Folders created on the way (`--output a/b/c/run`) are removed again when
 the new work fails; a folder the user made beforehand, empty, is kept.
 
+A folder in use. A process that trains, resumes or exports holds an OS-level lock on the folders it
+writes (`hold`): fcntl.flock on a sibling file `.NAME.lock`, beside the folder rather than in it, so that
+moving the folder aside (a replacement) does not move the lock with it. Any other process that would
+write or replace the folder is refused, with the holder's pid and command. The OS drops the lock when
+the holder exits, however it exits: a SIGKILL leaves a lock file behind, never a held lock.
+
 Light at import: standard library only.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import shlex
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +40,10 @@ RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "adapter", "check
 
 class FolderError(UserError, RuntimeError):
     """A folder that must not be written or replaced; the message says what it holds and what to do."""
+
+
+class FolderInUse(FolderError):
+    """Another process holds the folder's lock (it is training, resuming or exporting there)."""
 
 
 def mark(folder: Path, kind: str) -> None:
@@ -167,3 +182,97 @@ def leftover_aside(target: Path) -> list[Path]:
     """Earlier folders moved aside by a replacement that was killed before it finished."""
     target = Path(target)
     return sorted(target.parent.glob(f".{target.name}.replaced-*")) if target.parent.is_dir() else []
+
+
+# --------------------------------------------------------------------------- a folder in use
+
+
+@dataclass
+class FolderLock:
+    """This process's hold on a folder (see `hold`); `release()` lets it go (also done by the OS at exit)."""
+
+    folder: Path
+    path: Path  # the lock file
+    fd: int | None = None
+    made: list[Path] = field(default_factory=list)  # parent folders created for the lock file
+    holds: int = 1  # hold() calls of this process on the folder not yet released
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self.holds -= 1
+        if self.holds > 0 or self.fd is None:
+            return
+        _HELD.pop(self.path, None)
+        # Unlinked while still locked: a process that opened the old file finds, once it gets the lock,
+        # that the name no longer leads to it, and starts again (hold's inode check).
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+        remove_made(self.made)
+
+
+_HELD: dict[Path, FolderLock] = {}
+
+
+def lock_file(folder: Path) -> Path:
+    """`.NAME.lock` beside the folder, named after its absolute path (symbolic links resolved)."""
+    folder = Path(folder).resolve()
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def hold(folder: Path, doing: str) -> FolderLock:
+    """Lock `folder` for this process (`doing`: 'training', 'exporting', ...), or FolderInUse naming the
+    process that holds it. Held until release() or the end of the process; a second hold of the same
+    folder by the same process is counted, not refused."""
+    path = lock_file(folder)
+    if path in _HELD:
+        _HELD[path].holds += 1
+        return _HELD[path]
+    made = make_dirs(path.parent)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            remove_made(made)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise FolderInUse(f"{folder}: in use by {holder(path)} — wait until it ends, or choose another "
+                              "folder (it is never written by two processes at once)") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder let it go and removed the file between our open and our lock: again
+    command = "python -m lowvram_ft " + shlex.join(sys.argv[1:])
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "doing": doing, "command": command}).encode() + b"\n")
+    lock = FolderLock(Path(folder), path, fd, made)
+    _HELD[path] = lock
+    return lock
+
+
+def holder(path: Path) -> str:
+    """'process 1234 (training: python -m lowvram_ft train ...)' from a lock file, as far as it says."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+        return "another process"
+    what = "; ".join(str(info[key]) for key in ("doing", "command") if info.get(key))
+    return f"process {info['pid']}" + (f" ({what})" if what else "")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)

@@ -10,8 +10,9 @@ slow or failing step cannot lose the others. A step whose prerequisite failed is
   build        the random gpt-oss-20b checkpoint in the split bnb-4bit layout users load
                (gptoss_checkpoint.build_split_checkpoint; Unsloth loads it as unsloth/gpt-oss-20b-unsloth-bnb-4bit)
   headline     `train` on it as the README's headline command runs (the gpt-oss 16 GB recipe: seq 1024,
-               r=8, attention + experts) for --train-steps steps on an emulated --card-gib card, with the
-               planner's prediction beside the measurement
+               r=8, attention + experts; on the shipped sample, the node having no network) for
+               --train-steps steps on an emulated --card-gib card, with the planner's prediction beside
+               the measurement
   bench        ours vs hf at seq 1024 and 2048, batch 1, steady-state steps, and the longest sequence at
                batch 1 within 16 GiB (lowvram_ft/bench/cases/gpu-check.yaml)
   smoke        the reasoning-language smoke test of the headline run on the emulated card
@@ -173,7 +174,7 @@ def build_step(check: Check, python: str) -> Step:
 
 def headline_step(check: Check, python: str) -> Step:
     command = [python, "-m", "lowvram_ft", "train", "--model", str(check.model_dir), "--output", str(check.run_dir),
-               "--overwrite", "model.max_seq_length=1024", "lora.r=8", "lora.alpha=16",
+               "--overwrite", "--dataset", "sample", "model.max_seq_length=1024", "lora.r=8", "lora.alpha=16",
                f"train.max_steps={check.train_steps}", "train.warmup_steps=2", "data.max_rows=256",
                "eval.enabled=false"]
     if check.model == BUILT_MODEL:

@@ -126,15 +126,13 @@ _CHAT_TEMPLATE = """\
     {{- "\\nCurrent date: " + current_date -}}
 {%- endif -%}
 {{- "\\n\\nReasoning: " + effort + "\\n\\n@channels@<|end|>" -}}
-{%- set ns = namespace(instructions=[]) -%}
-{%- if reasoning_language is defined and reasoning_language -%}
-    {%- set ns.instructions = ns.instructions + ["reasoning language: " + reasoning_language] -%}
-{%- endif -%}
-{%- for message in messages if message.role in ["system", "developer"] and message.content -%}
-    {%- set ns.instructions = ns.instructions + [message.content] -%}
-{%- endfor -%}
-{%- if ns.instructions -%}
-    {{- "<|start|>developer<|message|># Instructions\\n\\n" + ns.instructions | join("\\n\\n") + "<|end|>" -}}
+{#- Conversation.developer_text: the language line, a blank line unless the rest is blank, the rest. -#}
+{%- set language = "reasoning language: " + reasoning_language if reasoning_language is defined and reasoning_language else "" -%}
+{%- set instructions = messages | selectattr("role", "in", ["system", "developer"]) | map(attribute="content")
+    | select | join("\\n\\n") -%}
+{%- set separator = "\\n\\n" if language and instructions | trim else "" -%}
+{%- if language or instructions -%}
+    {{- "<|start|>developer<|message|># Instructions\\n\\n" + language + separator + instructions + "<|end|>" -}}
 {%- endif -%}
 {%- set turns = messages | rejectattr("role", "in", ["system", "developer"]) | list -%}
 {%- set closes = turns | length > 0 and turns[-1].role == "assistant" -%}
@@ -190,7 +188,7 @@ def _render_header(conv: Conversation, opts: HarmonyOptions) -> str:
     """The system message, then the developer message when there are instructions."""
     effort = conv.reasoning_effort or opts.reasoning_effort
     header = f"<|start|>system<|message|>{_system_text(effort, opts)}<|end|>"
-    instructions = _instructions(conv)
+    instructions = conv.developer_text()
     if instructions:
         header += f"<|start|>developer<|message|># Instructions\n\n{instructions}<|end|>"
     return header
@@ -202,14 +200,6 @@ def _system_text(effort: str, opts: HarmonyOptions) -> str:
     if opts.date:
         facts.append(f"Current date: {opts.date}")
     return "\n".join(facts) + f"\n\nReasoning: {effort}\n\n{CHANNELS_LINE}"
-
-
-def _instructions(conv: Conversation) -> str:
-    """`reasoning language: X`, then the system/developer text, joined by blank lines ('' if neither)."""
-    parts = [f"reasoning language: {conv.reasoning_language}"] if conv.reasoning_language else []
-    if conv.instructions():
-        parts.append(conv.instructions())
-    return "\n\n".join(parts)
 
 
 def _render_turn(message: Message, closing: bool) -> list[Segment]:

@@ -16,6 +16,7 @@ from .config import EMBEDDED_MODEL, EMBEDDED_MODELS, PACKAGED_MODELS, Config
 from .embedded import embedded_model_dir
 from .gptoss_tokenizer import load_gptoss_tokenizer
 from .packaged import gguf_model_dir, packaged_model_dir
+from .terminal import verbose
 
 MOE_EXPERT_PARAMETERS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
@@ -29,7 +30,6 @@ class ModelError(UserError, RuntimeError):
 # per-row progress bars for loads and dataset passes that take well under a second at our sizes.
 QUIET_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 QUIET_PROGRESS = ("Loading weights", "Writing model shards")
-VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"
 
 
 def import_unsloth():
@@ -40,13 +40,9 @@ def import_unsloth():
     try:
         import unsloth  # noqa: F401  (must precede trl / transformers / peft)
     except ImportError as error:
-        raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (README, Installation)") from None
+        raise ModelError(f"unsloth is not importable ({error}) — run `make venv` (docs/installation.md)") from None
     quiet_progress_bars()
     return unsloth
-
-
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def quiet_known_noise() -> None:

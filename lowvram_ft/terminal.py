@@ -3,6 +3,15 @@ and paths, so rich's markup and highlighting are off; lines are soft-wrapped, ne
 stays one line in a log file."""
 from __future__ import annotations
 
+import os
+
+VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"  # set by --verbose: show the libraries' own warnings and progress bars
+
+
+def verbose() -> bool:
+    """--verbose was given: known-harmless library output (model.quiet_known_noise) is shown too."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
 
 def say(console, line: str) -> None:
     """One plain line. A lone surrogate quoted from user data is printed as its escape (the terminal

@@ -7,7 +7,7 @@ Downloads the pinned wheels (requirements.lock) of the packages in KIT for that 
 (`pip download --no-deps --only-binary=:all:`, cached in --cache), unpacks them into OUT/site without
 what a training node never loads (Unsloth's web UI and CLI; every bitsandbytes native library but the
 one a torch of that CUDA major loads) and writes OUT/MANIFEST.json: package, version, wheel, unpacked
-bytes and what was pruned. On the node: `PYTHONPATH=OUT/site python -m lowvram_ft ...` (README, GPU kit).
+bytes and what was pruned. On the node: `PYTHONPATH=OUT/site python -m lowvram_ft ...` (docs/gpu-kit.md).
 
 The image assumed (IMAGE) already has torch, transformers, triton, peft, accelerate and the rest; LEFT_OUT
 says why each other package unsloth or lowvram_ft declares is not in the kit. The kit must stay within

@@ -3,7 +3,7 @@
 Keyed by the content of the rows being tokenized (so a changed file, Hub revision, column mapping, mix
 or split all change it), the tokenizer (vocabulary, merges, added tokens, chat template), the render
 settings (train_on, reasoning_effort, date, max_seq_length, overlength, on_invalid) and the source of
-this package and harmony.py. An entry is written under a temporary name and renamed: a reader never
+this package, conversation.py and harmony.py. An entry is written under a temporary name and renamed: a reader never
 sees half an entry.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ def cache_key(records: list[str], tokenizer, settings: dict) -> str:
 
 
 def rendering_code() -> list[Path]:
-    """The source files whose change may change a tokenized row: this package and harmony.py."""
+    """The source files whose change may change a tokenized row: this package, conversation.py, harmony.py."""
     package = Path(__file__).parent
-    return sorted(package.glob("*.py")) + [package.parent / "harmony.py"]
+    return sorted(package.glob("*.py")) + [package.parent / "conversation.py", package.parent / "harmony.py"]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

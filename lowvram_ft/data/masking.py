@@ -93,9 +93,7 @@ def chat_messages(conv: Conversation, inline_reasoning: bool = False) -> list[di
     or, with `inline_reasoning` (a template with no place for it, `reasoning_inline`), written into
     the content of the closing assistant turn between THINK_OPEN and THINK_CLOSE, and left out of
     every earlier assistant turn."""
-    instructions = conv.instructions()
-    if conv.reasoning_language:
-        instructions = "\n\n".join(filter(None, [f"reasoning language: {conv.reasoning_language}", instructions]))
+    instructions = conv.developer_text()
     messages = [{"role": "system", "content": instructions}] if instructions else []
     turns = conv.turns()
     for i, m in enumerate(turns):

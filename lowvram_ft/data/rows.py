@@ -332,9 +332,10 @@ def extract_language_line(messages: list[Message]) -> tuple[list[Message], str |
 
     The one normalisation of message text (all other text is rendered verbatim, as openai-harmony does):
     the renderer writes the line back as `reasoning language: X`, then one blank line, then the rest of
-    the message, so the line breaks between the language line and the rest become that one blank line,
-    and a message holding only the language line (and blank lines) renders as the line alone. It is the
-    form gpt-oss is prompted with at inference (evaluate, chat), so training and serving agree."""
+    the message, so the line breaks between the language line and the rest become that one blank line.
+    It is the form gpt-oss is prompted with at inference (evaluate, chat), so training and serving agree.
+    A message holding only the language line keeps its trailing line breaks, as openai-harmony renders
+    the same text (Conversation.developer_text writes blank instruction text right after the line)."""
     if not messages or messages[0].role not in ("system", "developer"):
         return messages, None
     first = messages[0]
@@ -342,7 +343,9 @@ def extract_language_line(messages: list[Message]) -> tuple[list[Message], str |
     if not match:
         return messages, None
     rest = first.content[match.end():].lstrip("\r\n")
-    kept = [Message(first.role, rest)] if rest.strip() else []
+    if not rest.strip():  # only line breaks (or nothing) after the line: kept as they stand
+        rest = first.content[match.end(1):].lstrip(" \t")
+    kept = [Message(first.role, rest)] if rest else []
     return kept + messages[1:], match.group(1)
 
 

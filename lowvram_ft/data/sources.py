@@ -270,7 +270,8 @@ def read_hub(entry: str, label: str, cfg: Config) -> tuple[list[tuple[int, dict]
     except Exception as error:  # noqa: BLE001 — network, auth, missing split: one actionable line
         return [], [Problem(label, None, f"cannot load this data set from the Hugging Face Hub ({first_line(error)})",
                             f"download it where there is network (hf download {entry} --repo-type dataset "
-                            "--local-dir DIR) and pass a local file, e.g. data.dataset=[DIR/train.jsonl]",
+                            "--local-dir DIR) and pass a local file, e.g. --dataset DIR/train.jsonl, or try the "
+                            "tool on the shipped sample with --dataset sample",
                             "unreadable", fatal=True)]
     return list(enumerate(dataset.to_list(), 1)), []
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import folders
 from ..config import Config, EvalConfig, load_config
 from ..conversation import Conversation, Message
 from ..data import load_data, tokenize_data
@@ -204,14 +205,15 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
     if smoke:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
             cfg.eval, max_new_tokens=min(cfg.eval.max_new_tokens, SMOKE_MAX_NEW_TOKENS), **SMOKE_OVERRIDES))
-    import_unsloth()
-    device = detect_device()
-    model, tokenizer = load_model(cfg, device)
-    if adapter:
-        model = attach_adapter(model, adapter)
-    heldout = heldout_rows(cfg, load_data)
-    return evaluate_model(model, tokenizer, cfg, out_dir, heldout=heldout, console=console, smoke=smoke,
-                          has_adapter=bool(adapter))
+    with folders.hold(out_dir, "evaluating"):  # not while another process trains or evaluates there
+        import_unsloth()
+        device = detect_device()
+        model, tokenizer = load_model(cfg, device)
+        if adapter:
+            model = attach_adapter(model, adapter)
+        heldout = heldout_rows(cfg, load_data)
+        return evaluate_model(model, tokenizer, cfg, out_dir, heldout=heldout, console=console, smoke=smoke,
+                              has_adapter=bool(adapter))
 
 
 def heldout_rows(cfg: Config, load_data) -> list:

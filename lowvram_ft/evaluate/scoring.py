@@ -432,10 +432,14 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
     A line gives `target_language` and either `completion` (raw Harmony text; it wins when both are
     there) or `analysis`/`final`; optional `user_language` (default English) and `truncated`/`stopped`.
     Returns the `aggregate` rows. Every line is checked before anything is written; the first bad one
-    raises ScoreInputError (the count of further bad lines is on the same line)."""
+    raises ScoreInputError (the count of further bad lines is on the same line), as does an output that
+    is the input file itself (it would be rewritten)."""
     if answer_in not in ANSWER_IN:
         raise ValueError(f"answer_in must be one of {ANSWER_IN}, got {answer_in!r}")
-    input_path = Path(input_path)
+    input_path, output_path = Path(input_path), Path(output_path)
+    if is_same_file(input_path, output_path):
+        raise ScoreInputError(f"--output {output_path} is the input file — name another file (the default is "
+                              f"{input_path.name.removesuffix('.jsonl')}.scored.jsonl beside the input)")
     try:
         raw_lines = input_path.read_bytes().splitlines()
     except OSError as e:
@@ -454,8 +458,18 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
     if not records:
         raise ScoreInputError(f"{input_path}:1: no completions in the file — generate completions first")
     scored = [{**row, **_score_record(row, answer_in)} for row in records]
-    write_jsonl(Path(output_path), scored)
+    write_jsonl(output_path, scored)
     return aggregate(scored, trained=trained, zero_shot=zero_shot)
+
+
+def is_same_file(a: Path, b: Path) -> bool:
+    """The same path once resolved (symlinks, `..`), or two names of one existing file (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _read_record(raw: bytes) -> dict:

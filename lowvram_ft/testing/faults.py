@@ -15,7 +15,13 @@ import os
 import signal
 from pathlib import Path
 
+from ..errors import UserError
+
 FAULT_ENV = "LOWVRAM_FT_FAULT"
+
+
+class FaultSpecError(UserError, ValueError):
+    """LOWVRAM_FT_FAULT holds something that is not a fault this module injects."""
 
 
 def planned_faults(env=None) -> set[tuple[str, str, int]]:
@@ -26,13 +32,15 @@ def planned_faults(env=None) -> set[tuple[str, str, int]]:
         action, _, point = item.partition("@")
         where, _, step = point.partition("=")
         if action not in ("kill", "oom") or where not in ("step", "checkpoint") or not step.isdigit():
-            raise ValueError(f"{FAULT_ENV}={spec!r}: {item!r} is not kill@step=N, kill@checkpoint=N or oom@step=N")
+            raise FaultSpecError(f"{FAULT_ENV}={spec!r}: {item!r} is not kill@step=N, kill@checkpoint=N or "
+                                 f"oom@step=N — fix or unset {FAULT_ENV} (a testing hook)")
         faults.add((action, where, int(step)))
     return faults
 
 
 def fault_callbacks(env=None) -> list:
-    """[a TrainerCallback that injects the planned faults], or [] when none is planned."""
+    """[a TrainerCallback that injects the planned faults], or [] when none is planned; FaultSpecError (a
+    UserError: one line, exit 2) when the variable holds anything else."""
     faults = planned_faults(env)
     if not faults:
         return []

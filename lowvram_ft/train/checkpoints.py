@@ -147,6 +147,11 @@ def checksum_problem(path: Path) -> str | None:
     return size_problem(path)
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint on disk: all its files."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     complete, _ = list_checkpoints(run_dir)
     return complete[-1] if complete else None
@@ -231,9 +236,30 @@ def rewind_metrics(path: Path, step: int) -> list[dict]:
     return kept
 
 
-def resume_command(run_dir: Path, overrides: tuple[str, ...] | list[str] = ()) -> str:
-    return " ".join(["python -m lowvram_ft train --output", shlex.quote(str(run_dir)), "--resume",
+def resume_command(run_dir: Path, overrides: tuple[str, ...] | list[str] = (),
+                   launch: str = "python -m lowvram_ft") -> str:
+    """The command that continues the run; `launch` is how lowvram_ft was started (distributed.this_launch:
+    under accelerate launch / torchrun, the launcher with its config file and process count)."""
+    return " ".join([launch, "train --output", shlex.quote(str(run_dir)), "--resume",
                      *(shlex.quote(o) for o in overrides)])
+
+
+def check_processes(run_dir: Path, checkpoint: Checkpoint, world_size: int) -> None:
+    """ResumeError when the run is resumed with another number of processes than wrote its checkpoint:
+    the effective batch, each process's share of the data and the RNG states all depend on it."""
+    state = saved_state(checkpoint.path)
+    started = state.get("processes", 1) if isinstance(state.get("processes", 1), int) else 1
+    if started == world_size:
+        return
+    launch = state.get("launch") if isinstance(state.get("launch"), str) else None
+    how = (f": {resume_command(run_dir, launch=launch)}" if launch else
+           " (python -m lowvram_ft for one; accelerate launch --num_processes N for several)")
+    raise ResumeError(f"{run_dir}: the run was started with {count(started)}, this resume has {count(world_size)} "
+                      f"— resume it with {started}, as it was started{how}")
+
+
+def count(processes: int) -> str:
+    return f"{processes} process{'es' if processes != 1 else ''}"
 
 
 def saved_state(path: Path) -> dict:
@@ -248,10 +274,11 @@ def saved_state(path: Path) -> dict:
 # --------------------------------------------------------------------------- marking and rotating
 
 
-def mark_complete(folder: Path, step: int, processes: int) -> None:
-    """Sync a checkpoint's files and then write its mark: their sizes and sha256 (STATE_FILE)."""
+def mark_complete(folder: Path, step: int, processes: int, launch: str | None = None) -> None:
+    """Sync a checkpoint's files and then write its mark: their sizes and sha256 (STATE_FILE), the number
+    of processes that wrote it and how they were launched (for the resume's check and hint)."""
     sync_tree(folder)
-    state = {"step": step, "processes": processes, "files": file_manifest(folder)}
+    state = {"step": step, "processes": processes, "launch": launch, "files": file_manifest(folder)}
     (folder / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
     sync_tree(folder)
 

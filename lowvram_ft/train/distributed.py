@@ -9,9 +9,11 @@ heavy is imported and is a pure function of that environment.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
+
 from ..model import import_unsloth
 
 # Where launchers put the global rank and the number of processes (torchrun / accelerate, then MPI
@@ -20,6 +22,8 @@ RANK_KEYS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
 WORLD_KEYS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
 # accelerate's DistributedType names under which no process holds the whole model.
 SHARDING_TYPES = ("FSDP", "DEEPSPEED")
+PLAIN_LAUNCH = "python -m lowvram_ft"
+LAUNCHERS = ("accelerate", "torchrun")  # the launchers' programs, as their console scripts are named
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,35 @@ def first_int(env: Mapping[str, str], keys: tuple[str, ...], default: int) -> in
         if value.lstrip("-").isdigit():
             return int(value)
     return default
+
+
+def launch_command(parent_argv: Sequence[str] | None, world_size: int) -> str:
+    """The command that starts lowvram_ft as this process was started, up to `-m lowvram_ft`: the
+    launcher with its own options (config file, process count) when one started it (`parent_argv`, the
+    parent process's command line), else `python -m lowvram_ft`. What a resume hint puts before
+    `train --output RUN --resume`."""
+    argv = [str(a) for a in parent_argv or () if a != ""]
+    if argv and "lowvram_ft" in argv:
+        argv = argv[:argv.index("lowvram_ft") + 1]
+        program = 1 if len(argv) > 1 and Path(argv[0]).name.startswith("python") else 0
+        name = Path(argv[program]).name
+        if name in LAUNCHERS:  # `.../python .../bin/accelerate launch ...` as its user typed it
+            return shlex.join([name, *argv[program + 1:]])
+        if program and argv[1:3] == ["-m", "torch.distributed.run"]:
+            return shlex.join(["python", *argv[1:]])
+    if world_size <= 1:
+        return PLAIN_LAUNCH
+    # Started some other way (a wrapper script, an MPI launcher): the documented command, this many processes.
+    return f"accelerate launch --num_processes {world_size} -m lowvram_ft"
+
+
+def this_launch(procs: Processes) -> str:
+    """launch_command for this process (its parent's command line from /proc, where there is one)."""
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        parent = None
+    return launch_command(parent, procs.world_size)
 
 
 def shared_run_dir(procs: Processes, prepare: Callable[[], Path]) -> Path:

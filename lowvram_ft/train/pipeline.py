@@ -3,10 +3,12 @@
 resolve run folder (or the checkpoint to resume) → read data → decide device → load model → add LoRA →
 tokenize → train (checkpoints) → save → evaluate (base vs tuned) → report. Each step is one call whose
 result feeds the next. `train` adds what makes a run survive (run_state.py): Ctrl-C / SIGTERM finish
-the step and checkpoint, out of memory becomes advice, a failed new run leaves no folder behind.
+the step and checkpoint, out of memory becomes advice, a full disk says how to resume, a failed new run
+leaves no folder behind.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from datetime import datetime
@@ -16,10 +18,13 @@ from .. import folders
 from .. import model as models
 from ..data import load_data, tokenize_data
 from ..errors import UserError, is_out_of_memory
+from ..conversation import Conversation, Message
 from ..evaluate import evaluate_model
+from ..evaluate.generation import PromptError, prompt_text
 from ..config import EMBEDDED_MODELS, Config, ConfigError, load_config, parse_override, to_dict, to_yaml
 from ..io import write_atomic as write_text_atomic, write_json as write_json_atomic
 from ..device import detect_device, stack_versions
+from ..harmony import HarmonyOptions
 from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from ..model import input_device
 from ..plan import decide_fit
@@ -50,8 +55,12 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, console=Non
         run.clean_up()
         if is_out_of_memory(error):
             raise run_state.out_of_memory(run, error) from None
+        full = run_state.disk_full(run, error)
+        if full is not None and full is not error:
+            raise full from None
         raise
     finally:
+        run.release()  # after the clean-up: nobody may take the folder while a failed run is put back
         run.restore_signal_handlers()
         end_process_group()
 
@@ -75,6 +84,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     console = console or Console(highlight=False, soft_wrap=True, quiet=not procs.main)
     started = time.perf_counter()
     check_trackers(cfg.output.report_to)  # a missing optional tracker fails before anything is written
+    faults = fault_callbacks()  # so does a bad LOWVRAM_FT_FAULT (testing/faults.py)
     run_dir = run.begin(shared_run_dir(procs, lambda: prepare_run_dir(cfg, run, resume=resume)), fresh=not resume)
     log(console, "config", f"resolved config saved to {run_dir / 'config.yaml'}")
     resume_from = checkpoints.resume_point(run_dir) if resume else None
@@ -115,11 +125,11 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     progress = make_progress_callback(run_dir, device, console, history=history, monitor=monitor)
     point_trackers_at(run_dir, cfg.output.report_to)
     trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
-                            [*fault_callbacks(), progress, run_state.make_run_callback(run)], packing=packing)
+                            [*faults, progress, run_state.make_run_callback(run)], packing=packing)
     kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
     if procs.sharded and not as_prepared(procs, kind).sharded:
         log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
-            f"{kind}, plain data parallel: every process holds the whole model (README, More than one GPU)")
+            f"{kind}, plain data parallel: every process holds the whole model (docs/multi-gpu.md)")
     procs = as_prepared(procs, kind)
     run.phase = "train"
     trained = fit(trainer, str(resume_from.path) if resume_from else None)
@@ -178,12 +188,19 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
     """Create the run folder and save the resolved config in it. A folder this tool did not write is
     never used (folders.py); a finished or unfinished run of ours is replaced only with --overwrite, and
     then only once the new run has its first checkpoint or has finished (`run.replacement`). With
-    resume, the folder must hold an unfinished run with a complete checkpoint, and is kept."""
+    resume, the folder must hold an unfinished run with a complete checkpoint, and is kept. The folder is
+    locked for the run (folders.hold, `run.lock`): a folder another process is training in is refused."""
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file — pass a folder to --output")
+    try:
+        lock = folders.hold(run_dir, "resuming" if resume else "training")  # before any look: it may be in use
+    except OSError as error:
+        raise unwritable(run_dir, error) from None
+    if run is not None:
+        run.lock = lock
     if resume:
-        resume_point(run_dir)
+        checkpoints.check_processes(run_dir, resume_point(run_dir), processes().world_size)
         return run_dir
     try:
         folders.refuse_foreign(run_dir, "run", "--output")
@@ -199,12 +216,16 @@ def prepare_run_dir(cfg: Config, run=None, resume: bool = False) -> Path:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     except OSError as error:
         replacement.abort()
-        raise RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output") from None
+        raise unwritable(run_dir, error) from None
     if run is not None:
         run.replacement = replacement
     else:
         replacement.commit()
     return run_dir
+
+
+def unwritable(run_dir: Path, error: OSError) -> RunDirError:
+    return RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output")
 
 
 def check_fit(cfg: Config, device, force: bool, console) -> Config:
@@ -267,21 +288,31 @@ def publish_sharded_adapter(tokenizer, run_dir: Path) -> Path:
     return final
 
 
-PROBE_TEXT = "<|start|>user<|message|>What is 12 plus 30?<|end|><|start|>assistant"
+PROBE_QUESTION = "What is 12 plus 30?"
+
+
+def probe_text(tokenizer) -> str:
+    """The probe's prompt as the model is prompted: by its own renderer (Harmony for gpt-oss, else its chat
+    template), the question alone for a tokenizer without one."""
+    try:
+        return prompt_text(Conversation((Message("user", PROBE_QUESTION),)), tokenizer, HarmonyOptions())
+    except PromptError:
+        return PROBE_QUESTION
 
 
 def probe_logits(model, tokenizer) -> dict:
     """Last-position logits of a fixed prompt, as trained: a reloaded adapter must reproduce them."""
     import torch
 
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    text = probe_text(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         logits = model(input_ids=ids.to(input_device(model))).logits[0, -1].float().cpu()
     model.train(was_training)
     top = torch.topk(logits, k=min(8, logits.numel()))
-    return {"text": PROBE_TEXT, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
+    return {"text": text, "top_ids": top.indices.tolist(), "top_logits": [round(v, 5) for v in top.values.tolist()]}
 
 
 def describe_resume(run_dir: Path, resume_from) -> str:
@@ -333,6 +364,9 @@ def describe_source(source: str) -> str:
     path = Path(source)
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or path.exists():
         return f"{source} ({'found' if path.is_file() else 'NOT FOUND'})"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return (f"{source} (Hugging Face Hub id; offline: from the local cache only — without it, "
+                "--dataset sample or a local file)")
     return f"{source} (Hugging Face Hub id)"
 
 

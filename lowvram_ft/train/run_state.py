@@ -3,6 +3,7 @@ callback that marks checkpoints complete, free disk space checked before any sav
 errors turned into advice (the planner's recommendation, the checkpoint that is still valid)."""
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import shutil
@@ -18,13 +19,14 @@ from ..config import Config, ConfigError, load_config, to_dict
 from ..errors import EXIT_OUT_OF_MEMORY, UserError
 from ..io import GIB
 from ..memory import headline_gib, peak_figures
-from .checkpoints import (STATE_FILE, checkpoint_dir, keep_newest, latest_checkpoint, list_checkpoints,
-                          mark_complete, resume_command, run_changes)
-from .distributed import wait_for_every_process
+from .checkpoints import (STATE_FILE, checkpoint_bytes, checkpoint_dir, keep_newest, latest_checkpoint,
+                          list_checkpoints, mark_complete, resume_command, run_changes)
+from .distributed import processes, this_launch, wait_for_every_process
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-SAVE_MARGIN = 1.1  # free space wanted over the expected size of a save, plus SAVE_SLACK_BYTES
-SAVE_SLACK_BYTES = 64 * 2**20
+SAVE_MARGIN = 1.1  # free space wanted over the expected size of a save, plus a slack:
+SAVE_SLACK_BYTES = 64 * 2**20  # for an estimate (the files the Trainer adds: tokenizer, states, RNG)
+MEASURED_SLACK_BYTES = 2**20  # for the size of a checkpoint already written, which holds all of them
 
 
 class DiskSpaceError(UserError, RuntimeError):
@@ -63,6 +65,8 @@ class RunState:
         self.fresh = True  # a new run (not --resume): removed again if it fails before its first checkpoint
         self.stop_signal: int | None = None
         self.replacement = None  # folders.Replacement of a new run: the earlier run it replaces, kept until keep()
+        self.lock = None  # folders.FolderLock on the run folder, held until release()
+        self.launch = this_launch(processes())  # how lowvram_ft was started, for the resume hints
         self._previous: dict = {}
 
     def begin(self, run_dir: Path, fresh: bool) -> Path:
@@ -106,7 +110,7 @@ class RunState:
                     f"evaluate it with: python -m lowvram_ft eval --run {shlex.quote(str(run_dir))}")
         where = f"during step {self.step + 1}" if at_once and self.phase == "train" else f"at step {self.step}"
         saved = f"checkpoint {latest.path} (step {latest.step})" if latest else "no checkpoint"
-        return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir)}"
+        return f"interrupted ({name}) {where}: {saved}\nresume with: {resume_command(run_dir, launch=self.launch)}"
 
     # -- failure: out-of-memory advice and no half-made folder
 
@@ -114,6 +118,12 @@ class RunState:
         """The new run stands (its first checkpoint, or its end): an earlier run it replaces goes."""
         if self.replacement is not None:
             self.replacement.commit()
+
+    def release(self) -> None:
+        """The run folder is free for other processes again."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def clean_up(self) -> None:
         """A new run that failed before writing a checkpoint leaves nothing behind, and an earlier run it
@@ -149,14 +159,14 @@ def make_run_callback(run: RunState):
             if args.should_save and save_is_due(args, state, control):
                 folder = checkpoint_dir(Path(args.output_dir).parent) / f"checkpoint-{state.global_step}"
                 (folder / STATE_FILE).unlink(missing_ok=True)  # a stale mark must not cover the files rewritten now
-                _, need = save_sizes(kwargs["model"], args.optim)
-                check_free_space(Path(args.output_dir).parent, need, f"checkpoint {folder.name}")
+                need, slack = checkpoint_need(run.run_dir, kwargs["model"], args.optim)
+                check_free_space(run.run_dir, need, f"checkpoint {folder.name}", slack)
 
         def on_save(self, args, state, control, **kwargs):
             wait_for_every_process()  # each process has written its RNG state
             if args.should_save:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                mark_complete(folder, state.global_step, args.world_size)
+                mark_complete(folder, state.global_step, args.world_size, run.launch)
                 keep_newest(Path(args.output_dir).parent, run.cfg.train.keep_checkpoints)
             wait_for_every_process()
             run.keep()  # a checkpoint of the new run exists: the run it replaces is no longer needed
@@ -196,9 +206,18 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def check_free_space(path: Path, expected_bytes: int, what: str) -> None:
+def checkpoint_need(run_dir: Path, model, optimizer: str) -> tuple[int, int]:
+    """(bytes, slack) a next checkpoint needs: the size of the newest one already written when there is
+    one (it holds every file the Trainer adds), else the estimate of save_sizes."""
+    latest = latest_checkpoint(run_dir) if run_dir is not None else None
+    if latest is not None:
+        return checkpoint_bytes(latest.path), MEASURED_SLACK_BYTES
+    return save_sizes(model, optimizer)[1], SAVE_SLACK_BYTES
+
+
+def check_free_space(path: Path, expected_bytes: int, what: str, slack: int = SAVE_SLACK_BYTES) -> None:
     """DiskSpaceError, before anything is written, when `path`'s disk cannot hold `what`."""
-    need = int(expected_bytes * SAVE_MARGIN) + SAVE_SLACK_BYTES
+    need = int(expected_bytes * SAVE_MARGIN) + slack
     free = free_bytes(path)
     if free < need:
         raise DiskSpaceError(f"{path}: not enough free disk space for {what}: needs about {need / GIB:.2f} GiB, "
@@ -208,11 +227,29 @@ def check_free_space(path: Path, expected_bytes: int, what: str) -> None:
 def check_run_space(run: RunState, model, optimizer: str) -> None:
     """Before training: room for the checkpoints still to be written (keep_checkpoints + the one being
     written) and the final adapter."""
-    adapter, one = save_sizes(model, optimizer)
+    adapter = save_sizes(model, optimizer)[0]
+    one, slack = checkpoint_need(run.run_dir, model, optimizer)  # measured when resuming
     existing = len(list_checkpoints(run.run_dir)[0])
     count = max(run.cfg.train.keep_checkpoints + 1 - existing, 1)
     check_free_space(run.run_dir, adapter + count * one,
-                     f"{count} checkpoint{'s' if count > 1 else ''} and the adapter")
+                     f"{count} checkpoint{'s' if count > 1 else ''} and the adapter", slack)
+
+
+def disk_full(run: RunState, error: BaseException) -> DiskSpaceError | None:
+    """A full disk in training (our check before a save, or the OS refusing a write) as a DiskSpaceError
+    that says how to continue once there is room: the intact checkpoint and the --resume command.
+    None for any other error."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        first = f"{error.filename or run.run_dir}: the disk is full ({error.strerror})"
+    elif isinstance(error, DiskSpaceError):
+        first = str(error)
+    else:
+        return None
+    latest = latest_checkpoint(run.run_dir) if run.run_dir is not None else None
+    if latest is None or run.phase not in ("train", "save"):
+        return error if isinstance(error, DiskSpaceError) else DiskSpaceError(f"{first} — free some space and start again")
+    return DiskSpaceError(f"{first}\ncheckpoint {latest.path} (step {latest.step}) is intact — once there is room, "
+                          f"continue with: {resume_command(run.run_dir, launch=run.launch)}")
 
 
 # --------------------------------------------------------------------------- out of memory
@@ -235,7 +272,7 @@ def out_of_memory(run: RunState, error: BaseException) -> OutOfMemory:
     if latest is not None and run.phase in ("train", "save"):
         lines.append(f"checkpoint {latest.path} (step {latest.step}) is intact")
         if resumable is not None:
-            lines.append(f"continue from it with: {resume_command(run.run_dir, resumable)}")
+            lines.append(f"continue from it with: {resume_command(run.run_dir, resumable, run.launch)}")
         else:
             lines.append("these changes alter what is trained: start a new run with them (--overwrite)")
     elif run.phase == "eval" and run.run_dir is not None:

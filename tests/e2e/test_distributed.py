@@ -25,6 +25,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 SETTINGS = ["--config", "configs/embedded.yaml", "train.batch_size=2", "train.logging_steps=1", "eval.enabled=false"]
 
 
+ACCELERATE = ("accelerate", "launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2", "-m",
+              "lowvram_ft")  # as launch() runs it, with the launcher by its name
+
+
 def launch(out: Path, *overrides: str, processes: int = 2, accelerate_config: str = "ddp",
            fault: str | None = None) -> subprocess.CompletedProcess:
     if processes == 1:
@@ -120,6 +124,10 @@ def test_a_two_process_run_killed_after_its_checkpoint_resumes_to_the_uninterrup
     run = tmp_path / "run"
     killed = launch(run, "train.max_steps=3", "train.save_steps=2", fault="kill@step=3")  # both processes, before checkpoint 3
     assert killed.returncode != 0 and latest_checkpoint(run).step == 2
+    refused = launch(run, "train.max_steps=3", "train.save_steps=2", "--resume", processes=1)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert (f"error: {run}: the run was started with 2 processes, this resume has 1 process — resume it with 2, as it "
+            f"was started: {' '.join(ACCELERATE)} train --output {run} --resume") in refused.stderr
     resumed = launch(run, "train.max_steps=3", "train.save_steps=2", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "[lowvram_ft] resume: continuing from" in resumed.stdout and "checkpoint-2 (step 2)" in resumed.stdout
@@ -135,3 +143,32 @@ def test_a_two_process_run_killed_after_its_checkpoint_resumes_to_the_uninterrup
     uninterrupted, resumed_adapter = adapter(runs["two"]), adapter(run)
     assert uninterrupted.keys() == resumed_adapter.keys()
     assert all(torch.allclose(uninterrupted[name], resumed_adapter[name], rtol=0, atol=1e-7) for name in uninterrupted)
+
+
+def test_sigterm_under_accelerate_launch_says_the_launch_command_that_resumes_it(runs, tmp_path):
+    """The hint after a stop is the launcher's command with its config file and process count; run as
+    printed, it continues the run from its checkpoint with both processes."""
+    import signal
+    import shlex
+    import time
+
+    run = tmp_path / "run"
+    command = [str(Path(sys.executable).with_name("accelerate")), *ACCELERATE[1:], "train", "--output", str(run),
+               *SETTINGS, "train.max_steps=6"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or not read_jsonl(run / "metrics.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach its first step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to both processes
+    _, err = proc.communicate(timeout=300)
+    hint = next((line.split("resume with: ", 1)[1] for line in err.splitlines() if "resume with: " in line), None)
+    assert hint == f"{' '.join(ACCELERATE)} train --output {run} --resume", err[-3000:]
+    stopped_at = latest_checkpoint(run).step
+    assert 1 <= stopped_at < 6
+    argv = shlex.split(hint)
+    resumed = subprocess.run([str(Path(sys.executable).with_name(argv[0])), *argv[1:]], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint-{stopped_at} (step {stopped_at})" in resumed.stdout
+    assert json.loads((run / "summary.json").read_text())["processes"] == 2

@@ -43,6 +43,13 @@ FULL_DISK = ("-c", "import runpy, shutil, sys, types; "
                    "sys.argv[0] = 'lowvram_ft'; runpy.run_module('lowvram_ft', run_name='__main__')")
 
 
+# The same, once the run's first checkpoint is complete: the disk fills up mid-run (argv[3] is --output's value).
+FILLS_UP = ("-c", "import pathlib, runpy, shutil, sys, types; real = shutil.disk_usage; "
+                  "shutil.disk_usage = lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=0) "
+                  "if any(pathlib.Path(sys.argv[3]).glob('checkpoints/*/lowvram_ft_state.json')) else real(path); "
+                  "sys.argv[0] = 'lowvram_ft'; runpy.run_module('lowvram_ft', run_name='__main__')")
+
+
 def start(run_dir: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lowvram_ft", "train", "--output", str(run_dir), *args],
                             cwd=ROOT, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
@@ -131,6 +138,26 @@ def test_killed_three_times_then_resumed_equals_the_uninterrupted_run(reference,
     assert summary["trained_tokens"] == want_log[-1]["tokens"]
 
 
+def test_a_disk_full_mid_run_stops_cleanly_says_how_to_resume_and_the_resume_equals_the_uninterrupted_run(
+        reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, *SHORT, python=FILLS_UP)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "not enough free disk space for checkpoint checkpoint-8" in lines[0]
+    assert lines[1] == (f"error: checkpoint {run_dir / 'checkpoints' / 'checkpoint-4'} (step 4) is intact — once there "
+                        f"is room, continue with: python -m lowvram_ft train --output {run_dir} --resume")
+    assert steps_of(run_dir) == [4]
+
+    proc = train(run_dir, "--resume")  # the command as printed, with room again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    want, got = adapter(reference), adapter(run_dir)
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(reference)]
+
+
 def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = train(run_dir, *SHORT, fault="kill@step=10")
@@ -215,3 +242,27 @@ def test_a_full_disk_stops_a_new_run_before_training_and_leaves_no_folder(tmp_pa
     assert "not enough free disk space for 3 checkpoints and the adapter" in line and "0.00 GiB free" in line
     assert not run_dir.exists()
 
+
+
+def test_a_run_in_progress_holds_its_folder_against_every_other_train_until_it_dies(tmp_path):
+    """Two real trainings into one folder: the second is refused, with or without --overwrite / --resume
+    (following the advice of old, --overwrite, would have moved the live run aside); after a SIGKILL of
+    the first the folder is free at once (the OS dropped the lock)."""
+    from lowvram_ft import folders
+
+    run_dir = tmp_path / "run"
+    long = [a if a != "train.max_steps=12" else "train.max_steps=500" for a in SHORT]
+    first = start(run_dir, *long, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_step(first, run_dir, 1)
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            second = train(run_dir, *flags, *([] if flags == ["--resume"] else long))
+            assert second.returncode == 2, second.stderr[-3000:]
+            line = next(line for line in second.stderr.splitlines() if line.startswith("error: "))
+            assert f"{run_dir}: in use by process {first.pid} (training; python -m lowvram_ft train --output " in line
+            assert first.poll() is None and "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run_dir / "config.yaml").is_file() and metrics(run_dir)  # the first run's folder, untouched
+    folders.hold(run_dir, "training").release()

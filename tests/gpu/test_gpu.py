@@ -66,7 +66,7 @@ print(json.dumps(describe_loaded(model)))
 
 def test_gpt_oss_20b_headline_qlora_steps_within_an_emulated_16_gib_card(tmp_path, gpt_oss_20b_split):
     run_dir = tmp_path / "run"
-    proc = run("-m", "lowvram_ft", "train", "--model", str(gpt_oss_20b_split), "--output", str(run_dir),
+    proc = run("-m", "lowvram_ft", "train", "--model", str(gpt_oss_20b_split), "--dataset", "sample", "--output", str(run_dir),
                "model.load_in=4bit", "train.max_steps=5", "train.warmup_steps=0", "data.max_rows=40",
                "eval.enabled=false", env=gpu_env(LOWVRAM_FT_VRAM_GIB="16"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_gpt_oss_20b_headline_qlora_steps_within_an_emulated_16_gib_card(tmp_pat
 
 
 def test_smoke_on_the_20b_shape_fits_an_emulated_16_gib_card(gpt_oss_20b_split, tmp_path):
-    proc = run("-m", "lowvram_ft", "smoke", "--model", str(gpt_oss_20b_split), "--output", str(tmp_path / "smoke"),
+    proc = run("-m", "lowvram_ft", "smoke", "--model", str(gpt_oss_20b_split), "--dataset", "sample", "--output", str(tmp_path / "smoke"),
                "model.load_in=4bit", "eval.max_new_tokens=64", env=gpu_env(LOWVRAM_FT_VRAM_GIB="16"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "out of memory" not in (proc.stdout + proc.stderr).lower()

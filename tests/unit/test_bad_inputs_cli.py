@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers import cli, one_error_line
+from helpers import cli, cli_here, one_error_line
 
 
 # --------------------------------------------------------------------------- plan
@@ -25,13 +25,13 @@ from helpers import cli, one_error_line
 ], ids=["list", "string", "negative", "fraction"])
 def test_plan_names_the_config_file_and_the_bad_key(tmp_path, config, key):
     (tmp_path / "config.json").write_text(json.dumps(config))
-    line = one_error_line(cli("plan", "--model", str(tmp_path)))
+    line = one_error_line(cli_here("plan", "--model", str(tmp_path)))
     assert f"{tmp_path / 'config.json'}: " in line and key in line
 
 
 @pytest.mark.parametrize("vram", ["-5", "0", "nan", "inf"])
 def test_plan_rejects_a_vram_that_is_not_a_positive_number(vram):
-    line = one_error_line(cli("plan", f"--vram={vram}"))
+    line = one_error_line(cli_here("plan", f"--vram={vram}"))
     assert line.startswith(f"error: --vram: got {float(vram)}; expected") and "positive" in line
 
 
@@ -40,7 +40,7 @@ def test_plan_rejects_a_vram_that_is_not_a_positive_number(vram):
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t"])
 def test_generate_rejects_an_empty_prompt(prompt):
-    line = one_error_line(cli("generate", "--prompt", prompt))
+    line = one_error_line(cli_here("generate", "--prompt", prompt))
     assert line.startswith("error: --prompt is empty")
 
 

@@ -56,6 +56,18 @@ def test_every_problem_is_reported_together_with_its_dotted_key():
     assert "noequals: overrides look like group.key=value" in text
 
 
+@pytest.mark.parametrize("override, problem", [
+    ("eval.top_p=0", "eval.top_p: got 0; must be above 0.0"),
+    ("eval.top_p=-0.5", "eval.top_p: got -0.5; must be above 0.0"),
+    ("eval.top_p=1.01", "eval.top_p: got 1.01; must be at most 1.0"),
+    ("eval.top_k=-1", "eval.top_k: got -1; must be at least 0"),
+])
+def test_sampling_settings_outside_their_range_are_config_errors(override, problem):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.problems == [problem]
+
+
 def test_chat_template_takes_a_name_from_unsloths_registry():
     assert load_config().data.chat_template is None  # the model's own template
     assert load_config(None, ["data.chat_template=llama-3.1"]).data.chat_template == "llama-3.1"

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT
 from lowvram_ft.train.checkpoints import rng_state_files
-from lowvram_ft.train.distributed import Processes, as_prepared, processes, shared_run_dir
+from lowvram_ft.train.distributed import Processes, as_prepared, launch_command, processes, shared_run_dir
 
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
@@ -70,3 +70,28 @@ def test_a_checkpoint_is_complete_with_one_rng_state_per_process(tmp_path):
     assert rng_state_files(tmp_path) == ("rng_state.pth",)
     (tmp_path / "lowvram_ft_state.json").write_text(json.dumps({"step": 2, "processes": 3}))
     assert rng_state_files(tmp_path) == ("rng_state_0.pth", "rng_state_1.pth", "rng_state_2.pth")
+
+
+# --------------------------------------------------------------------------- the command a resume hint gives
+
+PY = "/work/main/.venv/bin/python3.11"
+
+
+@pytest.mark.parametrize("parent, world, want", [
+    ([PY, "/venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2",
+      "-m", "lowvram_ft", "train", "--output", "runs/x", "--overwrite", ""], 2,
+     "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m lowvram_ft"),
+    ([PY, "/venv/bin/torchrun", "--nproc_per_node", "4", "-m", "lowvram_ft", "train"], 4,
+     "torchrun --nproc_per_node 4 -m lowvram_ft"),
+    (["/usr/local/bin/accelerate", "launch", "--config_file", "my config.yaml", "-m", "lowvram_ft", "train"], 2,
+     "accelerate launch --config_file 'my config.yaml' -m lowvram_ft"),
+    ([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowvram_ft", "train"], 2,
+     "python -m torch.distributed.run --nproc_per_node 2 -m lowvram_ft"),
+    (["-bash"], 1, "python -m lowvram_ft"),  # typed in a shell
+    ([PY, "-m", "pytest", "tests"], 1, "python -m lowvram_ft"),
+    ([PY, "-m", "lowvram_ft", "bench"], 1, "python -m lowvram_ft"),  # the bench's worker processes
+    (None, 1, "python -m lowvram_ft"),  # no /proc
+    (["mpirun", "-n", "2", "python", "wrapper.py"], 2, "accelerate launch --num_processes 2 -m lowvram_ft"),
+])
+def test_the_launch_command_is_the_launcher_with_its_options(parent, world, want):
+    assert launch_command(parent, world) == want

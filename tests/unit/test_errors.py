@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QUICK, error_lines, train
+from helpers import QUICK, error_lines, train_here as train
 
 def unreadable_file(tmp_path: Path, name: str) -> Path:
     """A file that exists but cannot be read: mode 000, or for root (who reads anything) a link to

@@ -167,12 +167,37 @@ def test_inputs_go_to_the_compute_device_not_the_first_parameter():
             return type("Out", (), {"logits": hidden @ self.head})()
 
     class Tokenizer:
+        chat_template = None
+
+        def get_vocab(self):
+            return {}
+
         def __call__(self, text, add_special_tokens, return_tensors):
             return {"input_ids": torch.tensor([[1, 2, 3]])}
 
     model = Offloaded()
     assert next(model.parameters()).device.type == "meta" and input_device(model).type == "cpu"
     assert len(probe_logits(model, Tokenizer())["top_ids"]) == 8
+
+
+def test_the_reload_probe_is_rendered_by_the_models_own_renderer(gptoss_tokenizer):
+    from lowvram_ft.conversation import Conversation, Message
+    from lowvram_ft.harmony import render_prompt
+    from lowvram_ft.train.pipeline import PROBE_QUESTION, probe_text
+
+    assert probe_text(gptoss_tokenizer) == render_prompt(Conversation((Message("user", PROBE_QUESTION),)))
+
+    class ChatML:  # a Qwen3-style tokenizer: no Harmony tokens, its own chat template
+        chat_template = "{{ chatml }}"
+
+        def get_vocab(self):
+            return {"<|im_start|>": 1, "<|im_end|>": 2}
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+
+    assert probe_text(ChatML()) == f"<|im_start|>user\n{PROBE_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_the_emulated_card_takes_the_cuda_context_off_like_a_real_card():

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from helpers import cli_here
 from lowvram_ft import folders
 from lowvram_ft.config import load_config, to_yaml
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowvram_ft", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return cli_here(*args)  # every case stops before a model is loaded: in this process
 
 
 def user_folder(path: Path) -> Path:
@@ -183,3 +183,95 @@ def test_make_dirs_and_remove_made_undo_exactly_what_was_made(tmp_path, nested):
     folders.remove_made(made)
     assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == []
     assert (tmp_path / "keep").is_dir()
+
+
+# --------------------------------------------------------------------------- a folder in use (two real processes)
+
+HOLDER = """import sys, time
+from lowvram_ft import folders
+sys.argv = ["lowvram_ft", "train", "--output", sys.argv[1]]
+lock = folders.hold(sys.argv[3], "training")
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the lock on tmp_path/run, as `train --output` does while it trains."""
+    import signal
+
+    run = finished_run(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield run, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_folder_held_by_another_process_is_refused_naming_it(holder):
+    run, proc = holder
+    with pytest.raises(folders.FolderInUse) as info:
+        folders.hold(run, "training")
+    (line,) = info.value.lines()
+    assert f"in use by process {proc.pid} (training; python -m lowvram_ft train --output {run})" in line
+
+
+@pytest.mark.parametrize("flags", [["--dataset", "missing.jsonl"], ["--overwrite", "--dataset", "missing.jsonl"],
+                                   ["--resume"]])
+def test_train_into_a_folder_in_use_is_refused_whatever_the_flags(holder, flags):
+    run, proc = holder
+    before = tree(run)
+    result = cli("train", "--output", str(run), *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    assert f"{run}: in use by process {proc.pid}" in line and "Traceback" not in result.stderr
+    assert tree(run) == before and proc.poll() is None
+
+
+def test_export_eval_and_smoke_of_a_folder_in_use_are_refused(holder):
+    run, proc = holder
+    for args in (["export", "--run", str(run), "--format", "lora"], ["eval", "--run", str(run)],
+                 ["smoke", "--run", str(run)]):
+        result = cli(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"in use by process {proc.pid}" in "\n".join(error_lines(result))
+
+
+def test_a_killed_holder_leaves_no_lock(holder):
+    import signal
+
+    run, proc = holder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert folders.lock_file(run).exists()  # the file stays behind; the lock went with the process
+    lock = folders.hold(run, "training")
+    lock.release()
+    assert not folders.lock_file(run).exists()
+
+
+def test_the_lock_stays_with_the_path_when_the_folder_is_moved_aside(tmp_path):
+    run = finished_run(tmp_path / "run")
+    lock = folders.hold(run, "training")
+    replacement = folders.Replacement(run, "run")
+    replacement.begin()  # the earlier run moved aside, the new one created: still the same lock
+    assert lock.path == folders.lock_file(run) and lock.path.is_file()
+    result = subprocess.run([sys.executable, "-c", "import sys; from lowvram_ft import folders; "
+                             "folders.hold(sys.argv[1], 'training')", str(run)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and f"in use by process {os.getpid()}" in result.stderr
+    replacement.commit()
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_second_hold_by_the_same_process_is_counted(tmp_path):
+    first = folders.hold(tmp_path / "a" / "run", "training")
+    second = folders.hold(tmp_path / "a" / "run", "evaluating")
+    assert second is first
+    second.release()
+    assert first.path.is_file()
+    first.release()
+    assert not (tmp_path / "a").exists()  # the parent made for the lock file goes with it

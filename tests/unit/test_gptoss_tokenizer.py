@@ -8,6 +8,7 @@ import hashlib
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,13 +132,27 @@ def test_vocabulary_file_is_verified_and_repaired(tmp_path):
 
 
 def test_second_load_comes_from_the_cache(tokenizer, monkeypatch):
+    """Nothing is rebuilt: the tokenizer is read from the folder the first load saved (the session's
+    `tokenizer` came from that folder too, so reading it again would only repeat a 200k-token parse)."""
+    import transformers
+
     import lowvram_ft.gptoss_tokenizer as module
 
     def refuse(root):
         raise AssertionError("rebuilt instead of loading the cache")
 
+    class Read:
+        chat_template = None
+
+        @classmethod
+        def from_pretrained(cls, path):
+            cls.path = path
+            return cls()
+
     monkeypatch.setattr(module, "_build_tokenizer", refuse)
-    assert hf_ids(load_gptoss_tokenizer(), "cached") == hf_ids(tokenizer, "cached")
+    monkeypatch.setattr(transformers, "PreTrainedTokenizerFast", Read)
+    load_gptoss_tokenizer()
+    assert tokenizer.name_or_path == Read.path and (Path(Read.path) / "tokenizer.json").is_file()
 
 
 def test_missing_openai_harmony_names_the_install_command(monkeypatch):

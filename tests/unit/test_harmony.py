@@ -115,6 +115,12 @@ CONVERSATIONS = {
         assistant("\n21,0975 km.\n\n", "La metà: 21,0975 km.  \n\n"),
         language="Italian",
     ),
+    "language_line_then_blank_lines": conv(  # what a row's "reasoning language: Italian\n\n" becomes
+        Message("system", "\n\n"),
+        user("Ciao"),
+        assistant("Ciao!", "Saluto."),
+        language="Italian",
+    ),
 }
 for _effort in ("low", "medium", "high"):
     CONVERSATIONS[f"effort_{_effort}"] = conv(
@@ -146,10 +152,11 @@ def to_openai_harmony(c: Conversation, opts: HarmonyOptions, *, drop_closing_tur
     if opts.date:
         system = system.with_conversation_start_date(opts.date)
     messages = [HMessage.from_role_and_content(Role.SYSTEM, system)]
-    instructions = [f"reasoning language: {c.reasoning_language}"] if c.reasoning_language else []
-    instructions += [m.content for m in c.messages if m.role in ("system", "developer") and m.content]
+    language = f"reasoning language: {c.reasoning_language}" if c.reasoning_language else ""
+    text = "\n\n".join(m.content for m in c.messages if m.role in ("system", "developer") and m.content)
+    instructions = language + ("\n\n" if language and text.strip() else "") + text  # blank text follows as is
     if instructions:
-        developer = DeveloperContent.new().with_instructions("\n\n".join(instructions))
+        developer = DeveloperContent.new().with_instructions(instructions)
         messages.append(HMessage.from_role_and_content(Role.DEVELOPER, developer))
     turns = [m for m in c.messages if m.role in ("user", "assistant")]
     if drop_closing_turn and turns[-1].role == "assistant":
@@ -372,14 +379,17 @@ def test_unrenderable_conversations_are_refused(render, bad, match):
 
 
 @pytest.mark.parametrize("system, developer", [
-    ("reasoning language: Italian\n\n", "reasoning language: Italian"),
+    ("reasoning language: Italian\n\n", "reasoning language: Italian\n\n"),  # nothing after: kept as written
+    ("reasoning language: Italian  \n", "reasoning language: Italian\n"),
+    ("reasoning language: Italian", "reasoning language: Italian"),
     ("reasoning language: Italian\nBe brief.\n", "reasoning language: Italian\n\nBe brief.\n"),
     ("reasoning language: Italian\n\n\nBe brief.", "reasoning language: Italian\n\nBe brief."),
     ("Be brief.\n\n", "Be brief.\n\n"),  # no language line: verbatim
 ])
 def test_the_one_normalisation_of_a_data_row_is_the_language_line_separator(tokenizer, harmony, system, developer):
     """A row's 'reasoning language: X' line is lifted out and written back followed by one blank line
-    (data.extract_language_line); everything else stays verbatim. The row renders token for token as
+    (data.extract_language_line), or by its own line breaks when nothing follows; everything else stays
+    verbatim. The row renders token for token as
     openai-harmony renders the normalised developer text."""
     from openai_harmony import RenderConversationConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from helpers import cli, steps_of
+from helpers import cli_here as cli, steps_of
 from lowvram_ft.config import load_config, to_dict, to_yaml
 from lowvram_ft.errors import is_out_of_memory
 from lowvram_ft.train import checkpoints, run_state
@@ -19,7 +19,7 @@ from lowvram_ft.train import checkpoints, run_state
 # --------------------------------------------------------------------------- refusals (no model is loaded)
 
 
-def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
+def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=(), processes=1, launch=None) -> Path:
     """A run folder as training leaves it, with checkpoints that pass the completeness check."""
     run_dir = tmp_path / "run"
     cfg = load_config(ROOT / "configs/embedded.yaml", ["train.max_steps=12", "eval.enabled=false", *overrides])
@@ -28,10 +28,11 @@ def fake_run(tmp_path: Path, steps=(4,), finished=False, overrides=()) -> Path:
     for step in steps:
         folder = run_dir / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir()
-        for name in (*checkpoints.REQUIRED_FILES, "rng_state.pth", "adapter_model.safetensors"):
+        rng = [f"rng_state_{rank}.pth" for rank in range(processes)] if processes > 1 else ["rng_state.pth"]
+        for name in (*checkpoints.REQUIRED_FILES, *rng, "adapter_model.safetensors"):
             (folder / name).write_text("x")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        checkpoints.mark_complete(folder, step, processes=1)
+        checkpoints.mark_complete(folder, step, processes=processes, launch=launch)
     if finished:
         (run_dir / "summary.json").write_text("{}")
     return run_dir
@@ -62,6 +63,28 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
         assert proc.returncode == 2, name
         assert proc.stderr.startswith(f"error: {run_dir}: {message}"), (name, proc.stderr)
     assert cli("train", "--resume").stderr.startswith("error: --resume: name the run to continue with --output RUN")
+
+
+def test_resume_with_another_number_of_processes_is_refused_naming_both(tmp_path):
+    launch = "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m lowvram_ft"
+    run_dir = fake_run(tmp_path, steps=(4,), processes=2, launch=launch)
+    proc = cli("train", "--output", str(run_dir), "--resume")  # one process
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"error: {run_dir}: the run was started with 2 processes, this resume has 1 process — resume it with 2, "
+        f"as it was started: {launch} train --output {run_dir} --resume")
+    single = fake_run(tmp_path / "one", steps=(4,))
+    with pytest.raises(checkpoints.ResumeError, match="started with 1 process, this resume has 4 processes"):
+        checkpoints.check_processes(single, checkpoints.latest_checkpoint(single), 4)
+    checkpoints.check_processes(single, checkpoints.latest_checkpoint(single), 1)
+
+
+def test_the_resume_hints_give_the_command_that_started_the_run(tmp_path):
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml"))
+    run.launch = "torchrun --nproc_per_node 2 -m lowvram_ft"
+    run.run_dir, run.fresh, run.phase, run.step = fake_run(tmp_path, steps=(4,)), False, "train", 5
+    message = run.interrupt_message(15, at_once=False)
+    assert message.endswith(f"resume with: torchrun --nproc_per_node 2 -m lowvram_ft train --output {run.run_dir} --resume")
 
 
 def test_an_interrupted_run_folder_suggests_resume_and_a_finished_one_needs_overwrite(tmp_path):
@@ -135,6 +158,46 @@ def test_disk_space_is_checked_before_anything_is_written(tmp_path, monkeypatch)
     assert run_state.adapter_bytes(model) == 4000
     assert run_state.save_sizes(model, "adamw_torch") == (4000, 4000 + 2 * 4 * 1000)
     assert run_state.save_sizes(model, "adamw_8bit") == (4000, 4000 + int(2 * 1.02 * 1000))
+
+
+def test_the_space_for_a_next_checkpoint_is_the_size_of_the_one_already_written(tmp_path, monkeypatch):
+    import torch
+
+    model = torch.nn.Linear(100, 10)
+    run_dir = fake_run(tmp_path, steps=(4,))
+    latest = checkpoints.latest_checkpoint(run_dir).path
+    (latest / "optimizer.pt").write_bytes(b"x" * 4_500_000)  # the embedded demo's checkpoint: about 4.5 MB
+    checkpoints.mark_complete(latest, 4, processes=1)
+    size = checkpoints.checkpoint_bytes(latest)
+    assert size == sum(p.stat().st_size for p in latest.iterdir())
+    assert run_state.checkpoint_need(run_dir, model, "adamw_torch") == (size, run_state.MEASURED_SLACK_BYTES)
+    assert run_state.checkpoint_need(tmp_path / "new", model, "adamw_torch") == (
+        run_state.save_sizes(model, "adamw_torch")[1], run_state.SAVE_SLACK_BYTES)  # nothing written yet: estimated
+    monkeypatch.setattr(run_state, "free_bytes", lambda path: 7 * 10**6)  # 7 MB free: room for one more
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml", ["train.keep_checkpoints=1"]))
+    run.run_dir = run_dir
+    run_state.check_run_space(run, model, "adamw_torch")  # asked 0.07 GiB before it knew the size
+    monkeypatch.setattr(run_state, "free_bytes", lambda path: 4 * 10**6)
+    with pytest.raises(run_state.DiskSpaceError, match=r"1 checkpoint and the adapter: needs about 0.01 GiB, 0.00 GiB free"):
+        run_state.check_run_space(run, model, "adamw_torch")
+
+
+def test_a_full_disk_in_training_says_how_to_resume_once_there_is_room(tmp_path):
+    import errno
+
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml"))
+    run.run_dir, run.phase, run.launch = fake_run(tmp_path, steps=(4, 8)), "train", "python -m lowvram_ft"
+    resume = f"continue with: python -m lowvram_ft train --output {run.run_dir} --resume"
+    checked = run_state.DiskSpaceError(f"{run.run_dir}: not enough free disk space for checkpoint checkpoint-12: ...")
+    refused_write = OSError(errno.ENOSPC, "No space left on device", str(run.run_dir / "x.pt"))
+    for error in (checked, refused_write):
+        lines = str(run_state.disk_full(run, error)).splitlines()
+        assert lines[1] == (f"checkpoint {run.run_dir / 'checkpoints' / 'checkpoint-8'} (step 8) is intact — once "
+                            f"there is room, {resume}")
+    assert str(run_state.disk_full(run, refused_write)).startswith(f"{run.run_dir / 'x.pt'}: the disk is full (No space")
+    assert run_state.disk_full(run, ValueError("x")) is None
+    run.run_dir = fake_run(tmp_path / "new", steps=())  # no checkpoint yet: nothing to resume
+    assert run_state.disk_full(run, checked) is checked
 
 
 def test_out_of_memory_message_names_the_phase_and_the_planner_advice():

@@ -272,3 +272,49 @@ def test_eval_suite_loads_with_project_loader():
     evaluate = pytest.importorskip("lowvram_ft.evaluate.run")
     suite = evaluate.load_suite(str(SUITE))
     assert "math-quintic" in suite.smoke and len(suite.prompts) >= 9
+
+
+# --------------------------------------------------------------------------- which data set a command line trains on
+
+def dry_run(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`train --dry-run` in this process (it imports nothing heavy and writes nothing; conftest keeps the Hub
+    offline): the same output as the command line, without a Python start-up per case."""
+    from lowvram_ft.cli import main
+
+    code = main(["train", "--dry-run", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+@pytest.mark.parametrize("args, dataset, said", [
+    (["--model", "unsloth/gpt-oss-20b"], "HuggingFaceH4/Multilingual-Thinking", True),  # the headline command
+    (["--model", "Qwen/Qwen3-8B"], "HuggingFaceH4/Multilingual-Thinking", True),
+    ([], "sample", False),  # the embedded models: the shipped sample, for tests and demos
+    (["--model", "embedded-qwen3"], "sample", False),
+    (["--model", "unsloth/gpt-oss-20b", "--dataset", "sample"], "sample", False),
+    (["--model", "unsloth/gpt-oss-20b", "data.dataset=[mine.jsonl]"], "mine.jsonl", False),
+    (["--config", str(ROOT / "configs/embedded.yaml"), "--model", "unsloth/gpt-oss-20b"], "sample", False),  # the config decides
+])
+def test_a_real_model_trains_on_multilingual_thinking_unless_told_otherwise(capsys, args, dataset, said):
+    proc = dry_run(capsys, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"\n  dataset:\n  - {dataset}\n" in proc.stdout
+    printed = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert f"would read data {dataset} (" in printed
+    assert ("[lowvram_ft] data: no --dataset for " in proc.stderr) == said
+    if said:
+        assert "the data set this job is built around (--dataset sample for the shipped sample" in proc.stderr
+        assert "offline: from the local cache only — without it, --dataset sample or a local file" in printed
+
+
+def test_offline_without_the_data_set_the_error_names_the_sample_or_a_local_file(tmp_path):
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "train", "--model", "unsloth/gpt-oss-20b", "--output",
+                           str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: HuggingFaceH4/Multilingual-Thinking[train]: cannot load this data set")
+    assert "pass a local file, e.g. --dataset DIR/train.jsonl, or try the tool on the shipped sample with --dataset sample" in line
+    assert not (tmp_path / "run").exists()

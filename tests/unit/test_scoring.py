@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -517,6 +519,23 @@ def test_score_file_bad_line(tmp_path, bad_line, message):
     assert text.startswith(f"{src}:3: ") and message in text and " — " in text
     assert "\n" not in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name_output", [
+    lambda src: src,
+    lambda src: src.parent / "sub" / ".." / src.name,
+    lambda src: Path(os.path.relpath(src)),
+    lambda src: src.parent / "link.jsonl",  # a symbolic link to the input
+])
+def test_score_file_refuses_to_write_over_its_input(tmp_path, name_output):
+    src = tmp_path / "completions.jsonl"
+    shutil.copy(DATA / "scoring" / "completions.jsonl", src)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    before = src.read_bytes()
+    with pytest.raises(ScoreInputError, match="is the input file — name another file"):
+        score_file(src, name_output(src))
+    assert src.read_bytes() == before
 
 
 def test_score_file_unreadable_or_empty(tmp_path):
