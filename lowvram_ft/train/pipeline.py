@@ -23,6 +23,7 @@ from ..device import detect_device, stack_versions
 from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from ..model import input_device
 from ..plan import decide_fit
+from ..report import report_after_run
 from ..terminal import log
 from ..testing.faults import fault_callbacks
 from . import checkpoints, run_state
@@ -157,6 +158,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     elif cfg.eval.enabled:
         evaluate_run(model, tokenizer, cfg, data, run_dir, console)
     run.keep()  # the run stands: an earlier run it replaces (--overwrite) is deleted now
+    report_after_run(run_dir, console)  # a page of the run; failing to write it never fails the run
     log(console, "done", f"results in {run_dir}")
     return run_dir
 
