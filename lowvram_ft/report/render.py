@@ -26,13 +26,18 @@ def esc(value) -> str:
     return escape("—" if value is None else str(value), quote=True)
 
 
-def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
-    """The whole page: sections are (anchor id, heading, markup); empty markup leaves a section out."""
+RUN_FOOTER = "from the files of the run folder"
+
+
+def page(title: str, subtitle: str, sections: list[tuple[str, str, str]], source: str = RUN_FOOTER) -> str:
+    """The whole page: sections are (anchor id, heading, markup); empty markup leaves a section out;
+    `source` says in the footer what it was written from."""
     template = (ASSETS / "page.html").read_text(encoding="utf-8")
     shown = [(anchor, heading, body) for anchor, heading, body in sections if body]
     parts = {
         "title": esc(title),
         "subtitle": esc(subtitle),
+        "source": esc(source),
         "nav": "".join(f'<a href="#{anchor}">{esc(heading)}</a>' for anchor, heading, _ in shown),
         "body": "\n".join(f'<section id="{anchor}"><h2>{esc(heading)}</h2>\n{body}\n</section>'
                           for anchor, heading, body in shown),
@@ -294,3 +299,40 @@ def segment_markup(seg: dict, target: str) -> str:
             f'title="{esc(language_name(code))}">{esc(seg["text"])}</span>')
 
 
+
+
+# --------------------------------------------------------------------------- other reports as pages
+
+
+def markdown_sections(markdown: str, first: str = "Results") -> list[tuple[str, str, str]]:
+    """The simple Markdown our other reports write (## headings, paragraphs, pipe tables, `code`,
+    **bold**) as page sections, every text escaped; the # title line is left to the page."""
+    sections: list[tuple[str, list[str]]] = [(first, [])]
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            sections[-1][1].append(table(rows[0], rows[2:]) if len(rows) > 2 else "")
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            inner = line.strip().removeprefix("|").removesuffix("|")  # cells split at " | ": "max |Δloss|" is one
+            rows.append([inline(cell.strip()) for cell in re.split(r"(?<=\s)\|(?=\s)", inner)])
+            continue
+        flush()
+        if line.startswith("## "):
+            sections.append((line[3:].strip(), []))
+        elif line.strip() and not line.startswith("# "):
+            sections[-1][1].append(f"<p>{inline(line)}</p>")
+    flush()
+    return [(re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-") or f"s{i}", heading, "".join(parts))
+            for i, (heading, parts) in enumerate(sections)]
+
+
+def inline(text: str) -> Raw:
+    """`code` and **bold** of one Markdown line, the rest escaped."""
+    parts = re.split(r"(`[^`]+`|\*\*[^*]+\*\*)", text)
+    return Raw("".join(f"<code>{esc(p[1:-1])}</code>" if p.startswith("`") and len(p) > 1 else
+                       f"<strong>{esc(p[2:-2])}</strong>" if p.startswith("**") and len(p) > 3 else esc(p)
+                       for p in parts))
