@@ -44,6 +44,7 @@ def build_report_data(run_folder: str | os.PathLike) -> dict:
         raise ReportError(f"{run}: no summary.json, eval.json or metrics.jsonl — pass the --output folder of a "
                           "train or eval run")
     config_text = read_text(run / "config.yaml")
+    training = training_figures(summary or {}, metrics or [])
     return {
         "name": run_name(run, config_text),
         "missing": [name for name in RUN_FILES if name != "eval.png" and not (run / name).exists()],
@@ -51,8 +52,8 @@ def build_report_data(run_folder: str | os.PathLike) -> dict:
         "config_yaml": config_text,
         "environment": environment(summary or {}),
         "data": data_statistics(summary or {}),
-        "training": training_figures(summary or {}, metrics or []),
-        "series": step_series(metrics or []),
+        "training": training,
+        "series": step_series(metrics or [], training["planned_peak_gib"]),
         "rewards": reward_series(metrics or []),
         "evaluation": evaluation_rows(evaluation) if evaluation else None,
         "samples": samples or [],
@@ -176,13 +177,15 @@ def training_figures(summary: dict, metrics: list[dict]) -> dict:
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
-def step_series(metrics: list[dict]) -> list[dict]:
-    """One series per STEP_SERIES column that has numbers: {key, title, unit, points [(step, value)]}."""
+def step_series(metrics: list[dict], planned_peak_gib: float | None = None) -> list[dict]:
+    """One series per STEP_SERIES column that has numbers: {key, title, unit, points [(step, value)]};
+    peak memory carries the planner's estimate as its reference line when the run recorded one."""
     found = []
     for key, title, unit in STEP_SERIES:
         points = numeric_points(metrics, key)
         if points:
-            found.append({"key": key, "title": title, "unit": unit, "points": points})
+            reference = (planned_peak_gib, "planner's estimate") if key == "peak_memory_gib" and planned_peak_gib else None
+            found.append({"key": key, "title": title, "unit": unit, "points": points, "reference": reference})
     return found
 
 

@@ -161,7 +161,8 @@ def charts_section(series_sets: list[list[dict]], labels: list[str]) -> str:
         lines = [{"label": label, "points": s["points"]}
                  for series, label in zip(series_sets, labels) for s in series if s["title"] == title]
         unit = next(s["unit"] for series in series_sets for s in series if s["title"] == title)
-        charts.append(svg.line_chart(title, lines, "step", unit))
+        references = [s["reference"] for series in series_sets for s in series if s["title"] == title and s.get("reference")]
+        charts.append(svg.line_chart(title, lines, "step", unit, references[0] if len(series_sets) == 1 and references else None))
     return f'<div class="grid">{"".join(charts)}</div>' if charts else ""
 
 

@@ -58,12 +58,14 @@ def legend_marks(labels: list[str]) -> list[str]:
     return marks
 
 
-def line_chart(title: str, series: list[dict], x_label: str = "step", y_label: str = "") -> str:
-    """series: [{label, points: [(x, y), ...]}]. One polyline per series, dots where it has one point."""
+def line_chart(title: str, series: list[dict], x_label: str = "step", y_label: str = "",
+               reference: tuple[float, str] | None = None) -> str:
+    """series: [{label, points: [(x, y), ...]}]. One polyline per series, dots where it has few points;
+    `reference` (value, label): a dashed horizontal line, e.g. the planner's estimate of the peak."""
     points = [p for s in series for p in s["points"]]
     if not points:
         return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs, ys = [p[0] for p in points], [p[1] for p in points] + ([reference[0]] if reference else [])
     x_ticks = nice_ticks(min(xs), max(xs))
     y_low = min(ys) if min(ys) < 0 else 0.0
     y_ticks = nice_ticks(y_low, max(ys))
@@ -75,6 +77,11 @@ def line_chart(title: str, series: list[dict], x_label: str = "step", y_label: s
         for x, y in s["points"] if len(s["points"]) <= 60 else s["points"][-1:]:
             body.append(f'<circle class="series-{i % 6} fill" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.2">'
                         f'<title>{escape(s["label"])}: {escape(tick_label(x))} → {y:.6g}</title></circle>')
+    if reference:
+        y = sy(reference[0])
+        body.append(f'<path class="reference" d="M{MARGIN["left"]},{y:.1f}H{WIDTH - MARGIN["right"]}"/>'
+                    f'<text class="legend" x="{WIDTH - MARGIN["right"] - 4}" y="{y - 4:.1f}" text-anchor="end">'
+                    f'{escape(reference[1])} {reference[0]:.4g}</text>')
     return frame(title, x_label, y_label, body, legend_marks([s["label"] for s in series]))
 
 

@@ -226,3 +226,15 @@ def test_the_report_room_imports_no_model_trainer_or_heavy_library():
         assert not [n for n in names if re.search(r"(^|\.)(model|train|torch|transformers|trl|peft|unsloth)\b", n)], path
     code = "import sys, lowvram_ft.report; print(sorted({'torch', 'transformers', 'trl'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "[]"
+
+
+def test_the_planners_estimate_stands_beside_the_measured_peak(run):
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(peak_memory_gib=11.5, peak_memory_kind="peak_reserved_vram",
+                   plan={"peak_gib": 12.25, "basis": "calibrated estimate, ±6%", "action": "fits"})
+    (run / "summary.json").write_text(json.dumps(summary))
+    data = build_report_data(run)
+    assert data["series"][3]["reference"] == (12.25, "planner's estimate")
+    html = write_report([run]).read_text(encoding="utf-8")
+    assert "peak reserved VRAM</td><td>11.50 GiB (planner&#x27;s estimate 12.25 GiB, calibrated estimate, ±6%)" in html
+    assert 'class="reference"' in html
