@@ -7,7 +7,7 @@ import math
 from html import escape
 
 WIDTH, HEIGHT = 560, 240
-MARGIN = {"left": 64, "right": 16, "top": 28, "bottom": 44}
+MARGIN = {"left": 64, "right": 16, "top": 40, "bottom": 44}
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -53,8 +53,8 @@ def legend_marks(labels: list[str]) -> list[str]:
     marks, x = [], WIDTH - MARGIN["right"]
     for i, label in reversed(list(enumerate(labels))):
         x -= 14 + 7 * len(label)
-        marks.append(f'<rect class="series-{i % 6} fill" x="{x}" y="8" width="10" height="10"/>'
-                     f'<text class="legend" x="{x + 14}" y="17">{escape(label)}</text>')
+        marks.append(f'<rect class="series-{i % 6} fill" x="{x}" y="21" width="10" height="10"/>'
+                     f'<text class="legend" x="{x + 14}" y="30">{escape(label)}</text>')
     return marks
 
 
