@@ -238,3 +238,27 @@ def test_the_planners_estimate_stands_beside_the_measured_peak(run):
     html = write_report([run]).read_text(encoding="utf-8")
     assert "peak reserved VRAM</td><td>11.50 GiB (planner&#x27;s estimate 12.25 GiB, calibrated estimate, ±6%)" in html
     assert 'class="reference"' in html
+
+
+def test_an_eval_only_folder_gets_a_page(run):
+    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+        (run / name).unlink()
+    data = build_report_data(run)
+    assert data["name"] == "run" and data["command"] is None and data["series"] == []
+    html = write_report([run]).read_text(encoding="utf-8")
+    assert 'id="drift"' in html and 'id="training"' not in html
+    assert "Not in this run folder: summary.json, metrics.jsonl, config.yaml, eval.md." in html
+
+
+def test_the_eval_command_ends_with_the_report(tmp_path, monkeypatch, capsys):
+    import lowvram_ft.cli as cli
+
+    def fake_run_eval(cfg, adapter, out_dir, smoke=False):  # the evaluation's files, as evaluate.run_eval writes them
+        shutil.copytree(FIXTURE, out_dir, ignore=shutil.ignore_patterns("summary.json", "metrics.jsonl", "config.yaml"))
+        return json.loads((FIXTURE / "eval.json").read_text())
+
+    monkeypatch.setattr(cli.evaluate, "run_eval", fake_run_eval)
+    out = tmp_path / "eval"
+    assert main(["eval", "--output", str(out)]) == 0
+    assert f"[lowvram_ft] report: {out / 'report.html'}" in capsys.readouterr().out
+    assert (out / "report.html").is_file()
