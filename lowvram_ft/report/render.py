@@ -52,7 +52,8 @@ def table(headers: list[str], rows: list[list], css_class: str = "") -> str:
         return ""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (f'<div class="table-wrap"><table class="{css_class}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
 
 
 def key_values(pairs: list[tuple[str, object]]) -> str:

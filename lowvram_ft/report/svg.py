@@ -52,7 +52,7 @@ def legend_marks(labels: list[str]) -> list[str]:
         return []
     marks, x = [], WIDTH - MARGIN["right"]
     for i, label in reversed(list(enumerate(labels))):
-        x -= 14 + 7 * len(label)
+        x -= 26 + 7 * len(label)
         marks.append(f'<rect class="series-{i % 6} fill" x="{x}" y="21" width="10" height="10"/>'
                      f'<text class="legend" x="{x + 14}" y="30">{escape(label)}</text>')
     return marks
