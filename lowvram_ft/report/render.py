@@ -183,10 +183,13 @@ def evaluation_section(evaluations: list[tuple[str, dict]]) -> str:
         rows.append([name if name == group else f"{name} ({group})", kind]
                     + [rate_cell(c and c["think"]) for c in cells] + [rate_cell(c and c["answer"]) for c in cells])
     languages = [g for g, _, kind in groups if kind != "pooled"]
+    # Two runs: each run's last phase only (tuned vs tuned); the table above keeps every column.
+    charted = [i for i, (_, ev, phase) in enumerate(columns)
+               if len(evaluations) == 1 or phase == ev["phases"][-1]["key"]]
     chart = svg.bar_chart("reasoning in the requested language (think match, 95% Wilson intervals)", languages, [
-        {"label": title, "values": [rate_of(rows_of[i].get(g), phase) for g in languages],
-         "intervals": [ci_of(rows_of[i].get(g), phase) for g in languages]}
-        for i, (title, _, phase) in enumerate(columns)], "share of scored samples", y_max=1.0, percent=True)
+        {"label": columns[i][0], "values": [rate_of(rows_of[i].get(g), columns[i][2]) for g in languages],
+         "intervals": [ci_of(rows_of[i].get(g), columns[i][2]) for g in languages]}
+        for i in charted], "share of scored samples", y_max=1.0, percent=True)
     notes = []
     for label, evaluation in evaluations:
         if evaluation:
