@@ -239,6 +239,9 @@ def language_groups(evaluation: dict) -> dict[str, str]:
     for key in ("language_groups", "groups"):
         if isinstance(evaluation.get(key), dict):
             groups.update({code_of(k): str(v) for k, v in evaluation[key].items()})
+    if isinstance(evaluation.get("languages"), dict):  # {language: {"group": ...}, ...}
+        groups.update({code_of(k): str(v["group"]) for k, v in evaluation["languages"].items()
+                       if isinstance(v, dict) and v.get("group")})
     for name, key in (("trained", "trained_languages"), ("zero-shot", "zero_shot_languages")):
         for language in evaluation.get(key) or []:
             groups.setdefault(code_of(language), name)
