@@ -23,6 +23,8 @@ STEP_SERIES = (  # metrics.jsonl column -> chart title and unit
     ("peak_memory_gib", "peak memory (GiB)", "GiB"),
 )
 REWARD_COLUMN = re.compile(r"^rewards/(.+)/mean$")  # GRPO: one mean per reward function and logging step
+REWARD_TOTALS = (("reward", "reward (all functions, weighted)"), ("kl", "KL divergence to the reference"),
+                 ("completions/mean_length", "completion length (tokens)"))  # GRPO's other step figures
 PHASE_TITLES = {"before": "base (adapter off)", "after": "tuned (adapter on)"}
 POOLED_GROUPS = ("trained", "zero-shot", "overall")
 
@@ -190,15 +192,20 @@ def step_series(metrics: list[dict], planned_peak_gib: float | None = None) -> l
 
 
 def reward_series(metrics: list[dict]) -> list[dict]:
-    """One series per `rewards/<name>/mean` column (GRPO runs), in the order first seen."""
+    """One series per `rewards/<name>/mean` column (GRPO runs), in the order first seen, then the total
+    reward, KL and completion length where the run logged them."""
     names: list[str] = []
     for record in metrics:
         for key in record:
             match = REWARD_COLUMN.match(key)
             if match and match.group(1) not in names:
                 names.append(match.group(1))
-    return [{"key": name, "title": f"reward: {name}", "unit": "",
-             "points": numeric_points(metrics, f"rewards/{name}/mean")} for name in names]
+    found = [{"key": name, "title": f"reward: {name}", "unit": "",
+              "points": numeric_points(metrics, f"rewards/{name}/mean")} for name in names]
+    if not found:
+        return []
+    totals = [{"key": key, "title": title, "unit": "", "points": numeric_points(metrics, key)} for key, title in REWARD_TOTALS]
+    return found + [series for series in totals if series["points"]]
 
 
 def numeric_points(metrics: list[dict], key: str) -> list[tuple[float, float]]:

@@ -135,6 +135,9 @@ def test_reward_curves_from_any_rewards_mean_column():
     series = reward_series(metrics)
     assert [(s["key"], s["points"]) for s in series] == [("language_reward", [(1, 0.2), (2, 0.6)]),
                                                          ("format", [(1, 1.0)])]
+    metrics[0].update(reward=1.2, kl=0.01)
+    assert [s["key"] for s in reward_series(metrics)] == ["language_reward", "format", "reward", "kl"]
+    assert reward_series([{"step": 1, "loss": 1.0, "reward": 0.5}]) == []  # no reward function: not a GRPO log
 
 
 def test_a_cut_off_last_metrics_line_is_left_out(run):
