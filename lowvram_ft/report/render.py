@@ -91,8 +91,9 @@ def overview_section(data: dict) -> str:
     measured = number(fig["peak_memory_gib"], ".2f")
     kind = {"peak_reserved_vram": "peak reserved VRAM", "peak_rss": "peak RSS (host memory)"}.get(fig["peak_memory_kind"] or "", "peak memory")
     planned = number(fig["planned_peak_gib"], ".2f")
-    device = env["device"] and f"{env['device']} ({env['device_kind']}"
-    device = device and device + (f", {env['device_memory_gib']:.1f} GiB)" if env["device_memory_gib"] else ")")
+    details = [kind for kind in [env["device_kind"]] if kind and kind != env["device"]]
+    details += [f"{env['device_memory_gib']:.1f} GiB"] if env["device_memory_gib"] else []
+    device = env["device"] and env["device"] + (f" ({', '.join(details)})" if details else "")
     parts = [key_values([
         ("model", env["model"]), ("device", device), ("why this device and dtype", env["device_reason"]),
         ("weights dtype", env["dtype"]), ("compute dtype", env["compute_dtype"]), ("processes", env["processes"]),
