@@ -7,7 +7,7 @@ PIPQ    := --disable-pip-version-check -q
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast smoke bench lock clean gpu-kit gpu-check
+.PHONY: venv demo test test-fast smoke bench lock clean gpu-kit gpu-check browser
 
 venv: $(STAMP)
 
@@ -29,9 +29,14 @@ MODEL ?=
 DEMO_CONFIG = configs/$(if $(filter smollm2,$(MODEL)),smollm2,embedded$(if $(MODEL),-$(MODEL))).yaml
 demo: venv
 	$(BIN)/python -m lowvram_ft train --config $(DEMO_CONFIG) --output runs/demo$(if $(MODEL),-$(MODEL)) --overwrite
+	@test -f runs/demo$(if $(MODEL),-$(MODEL))/report.html && echo "report: runs/demo$(if $(MODEL),-$(MODEL))/report.html"
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q
+
+# The browser tier (tests/browser): Debian's chromium, installed with apt-get when missing and root.
+browser:
+	@bash scripts/browser_setup.sh
 
 # The unit tier (tests/unit/): no model is trained or loaded (seconds); `make test` runs it, the end-to-end
 # tier (tests/e2e/, marker `slow`) and the GPU tier (tests/gpu/, marker `gpu`: skipped without CUDA).

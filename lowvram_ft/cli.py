@@ -15,7 +15,7 @@ from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, i
 from . import chat, data, evaluate, export, folders, plan
 from .plan import inputs as plan_inputs
 from .evaluate import report, scoring
-from . import bench
+from . import bench, report as run_report
 from .bench.cli import add_bench_arguments
 from .train import pipeline
 from .terminal import VERBOSE_ENV
@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--min-think-match", type=float, metavar="X",
                        help="exit 1 when the (tuned, else base) think-match rate of the trained languages is below X")
     smoke.set_defaults(run=run_eval, smoke=True)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of a run (RUN/report.html), or two runs compared")
+    report.add_argument("--run", dest="runs", action="append", required=True, metavar="RUN_DIR",
+                        help="a train or eval run folder; give it twice to compare two runs (page: A/compare-B.html)")
+    report.add_argument("--out", metavar="FILE.html", help="where to write the page (default RUN/report.html)")
+    report.set_defaults(run=run_report_command)
 
     bench = sub.add_parser("bench", help="peak VRAM and tokens/s: our trainer vs the plain Hugging Face stack")
     bench.set_defaults(run=run_bench)
@@ -309,6 +315,7 @@ def run_eval(args) -> int:
     with folders.hold(Path(args.run_dir), "evaluating") if args.run_dir else contextlib.nullcontext():
         result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
     print(f"evaluation written to {out_dir}")
+    run_report.report_after_run(out_dir)
     threshold = getattr(args, "min_think_match", None)
     if threshold is not None:
         phase = "after" if "after" in result["tables"] else "before"
@@ -317,6 +324,12 @@ def run_eval(args) -> int:
             print(f"error: think match of the trained languages ({phase}) is "
                   f"{'n/a' if rate is None else f'{rate:.3f}'}, below --min-think-match {threshold}", file=sys.stderr)
             return 1
+    return 0
+
+
+def run_report_command(args) -> int:
+    path = run_report.write_report(args.runs, args.out)
+    print(f"report written to {path}")
     return 0
 
 

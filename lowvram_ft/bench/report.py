@@ -1,6 +1,6 @@
 """What a bench run leaves behind: <date>-<device>.jsonl (one line per case), the Markdown report with
-its tables (cases, the two stacks compared, budgets, what ran, what was not measured), the PNG chart,
-and the console lines and summary table."""
+its tables (cases, the two stacks compared, budgets, what ran, what was not measured), the same as one
+HTML page built from the run report's parts, the PNG chart, and the console lines and summary table."""
 from __future__ import annotations
 
 import io
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_atomic, write_jsonl
+from ..report import svg
+from ..report.render import markdown_sections, page
 from .. import terminal
 from ..terminal import print_table
 from .matrix import STACKS, Case
@@ -246,8 +248,25 @@ def chart_value(record: dict | None, key: str) -> float:
     return value or 0.0
 
 
+def html_report(records: list[dict], env: dict) -> str:
+    """<stem>.html: the Markdown report's sections and the charts as one self-contained page, made of
+    the run report's parts (page, tables, inline SVG; no network, light and dark, printable)."""
+    gpu = env["device"]["kind"] == "cuda"
+    pairs = paired(records)
+    memory_key, memory_label = ("peak_reserved_gib", "peak reserved (GiB)") if gpu else ("peak_rss_gib", "peak RSS (GiB)")
+    charts = [svg.bar_chart(title, list(pairs), [{"label": stack, "values": [chart_value(pairs[s].get(stack), key) or None
+                                                                              for s in pairs]} for stack in STACKS], unit)
+              for key, title, unit in (("tokens_per_s", "tokens/s (trained tokens)", "tokens/s"),
+                                       (memory_key, memory_label, "GiB"))]
+    sections = markdown_sections(markdown_report(records, env), "Cases")
+    sections.insert(1, ("charts", "The two stacks per setting", '<div class="grid">' + "".join(charts) + "</div>"
+                        if any(charts) else ""))
+    return page(f"Benchmark — {env['date']}, {env['device']['name']}", "lowvram_ft bench", sections,
+                "from the benchmark's results (the .jsonl beside this page)")
+
+
 def write_results(records: list[dict], env: dict, out_dir: Path, stem: str) -> Path:
-    """<stem>.jsonl (one line per case, environment included), <stem>.md and <stem>.png, atomically.
+    """<stem>.jsonl (one line per case, environment included), <stem>.md, <stem>.html and <stem>.png, atomically.
     Lines already in today's <stem>.jsonl are kept unless this run measured the same case again, so a
     matrix can be run in parts (--cases) into one file."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +274,7 @@ def write_results(records: list[dict], env: dict, out_dir: Path, stem: str) -> P
     records = merge_records(read_jsonl(jsonl), [{**r, "environment": env} for r in records])
     write_jsonl(jsonl, records)
     write_atomic(out_dir / f"{stem}.md", markdown_report(records, env))
+    write_atomic(out_dir / f"{stem}.html", html_report(records, env))
     if paired(records):
         bench_chart(records, env, out_dir / f"{stem}.png")
     (out_dir / f"{stem}.partial.jsonl").unlink(missing_ok=True)

@@ -335,6 +335,15 @@ class TextLanguage:
     unjudged: int = 0
 
 
+def judge_sentences(text: str | None) -> list[tuple[str, str | None]]:
+    """Every sentence of `text` as the scorer judges it (code, math and URLs already removed, see
+    `clean_for_langid`), with its language code or None when too short to judge. `identify_text`
+    counts these verdicts; the run report colours the same sentences."""
+    if not text:
+        return []
+    return [(sentence, identify_sentence(sentence)) for sentence in split_sentences(_strip_noise(text))]
+
+
 def identify_text(text: str | None) -> TextLanguage:
     """Judge every sentence of `text` and report the dominant language by judged-sentence count
     (ties: more letters, then code order). Empty or None text -> TextLanguage(None)."""
@@ -343,8 +352,7 @@ def identify_text(text: str | None) -> TextLanguage:
     counts: Counter = Counter()
     letters: Counter = Counter()
     unjudged = 0
-    for sentence in split_sentences(_strip_noise(text)):
-        language = identify_sentence(sentence)
+    for sentence, language in judge_sentences(text):
         if language is None:
             unjudged += 1
             continue

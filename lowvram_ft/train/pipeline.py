@@ -28,6 +28,7 @@ from ..harmony import HarmonyOptions
 from ..memory import MemoryMonitor, headline_gib, peak_figures, reset_peaks
 from ..model import input_device
 from ..plan import decide_fit
+from ..report import report_after_run
 from ..terminal import log
 from ..testing.faults import fault_callbacks
 from . import checkpoints, run_state
@@ -100,7 +101,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     monitor = MemoryMonitor(gpu).start()  # NVML and RSS peaks, next to torch's (memory.py)
     run.device = device
     log(console, "device", device.reason)
-    fitted = check_fit(cfg, device, force, console)
+    fitted, planned = check_fit(cfg, device, force, console)
     if fitted != cfg:  # train.fit=auto changed how (not what) it trains: the saved config says so
         cfg = fitted
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
@@ -154,6 +155,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     summary["processes"] = procs.world_size
     summary["memory"] = {"load": load_memory, "train": train_memory}  # memory.py: one meaning everywhere
     summary["packing"] = {"requested": cfg.data.packing, "used": packing, "why": packing_why}
+    summary["plan"] = planned  # the planner's estimate before loading (GPU), beside the measured peak
     summary["dtype"] = str(model.dtype).removeprefix("torch.")  # the weights' dtype, and the compute dtype:
     summary["compute_dtype"] = compute_dtype(cfg, device, summary["dtype"])  # reloads compare within their precision
     if not procs.sharded:  # a forward pass in one process would wait forever for the others' shards
@@ -167,6 +169,7 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     elif cfg.eval.enabled:
         evaluate_run(model, tokenizer, cfg, data, run_dir, console)
     run.keep()  # the run stands: an earlier run it replaces (--overwrite) is deleted now
+    report_after_run(run_dir, console)  # a page of the run; failing to write it never fails the run
     log(console, "done", f"results in {run_dir}")
     return run_dir
 
@@ -228,16 +231,17 @@ def unwritable(run_dir: Path, error: OSError) -> RunDirError:
     return RunDirError(f"{run_dir}: cannot write there ({error.strerror}) — choose a writable --output")
 
 
-def check_fit(cfg: Config, device, force: bool, console) -> Config:
+def check_fit(cfg: Config, device, force: bool, console) -> tuple[Config, dict | None]:
     """On a GPU, the planner's estimate before loading (train.fit): says the figure, its basis and the
     precision it assumed; auto applies changes that keep the trained model the same and returns the
     changed config; a calibrated estimate over the card by more than its error stops the run (--force
-    overrides). An uncalibrated estimate only warns."""
+    overrides). An uncalibrated estimate only warns. Also returns the estimate ({peak_gib, basis,
+    action}, None off a GPU) for summary.json."""
     if device.kind != "cuda" or device.total_gib is None:
-        return cfg
+        return cfg, None
     decision = decide_fit(cfg, device.total_gib, bf16=device.bf16)
     if decision is None:
-        return cfg
+        return cfg, None
     for line in decision.lines():
         log(console, "plan", line)
     if decision.action == "refuse" and not force:
@@ -246,7 +250,8 @@ def check_fit(cfg: Config, device, force: bool, console) -> Config:
                           f"({decision.basis}) — apply a recommendation above, or pass --force to try anyway")
     if decision.action == "warn":
         console.print(decision.report, markup=False, highlight=False)
-    return apply_overrides(cfg, decision.overrides) if decision.overrides else cfg
+    planned = {"peak_gib": round(decision.peak_gib, 3), "basis": decision.basis, "action": decision.action}
+    return (apply_overrides(cfg, decision.overrides) if decision.overrides else cfg), planned
 
 
 def apply_overrides(cfg: Config, overrides) -> Config:

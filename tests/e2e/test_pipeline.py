@@ -36,8 +36,9 @@ def test_run_folder_holds_every_promised_file(demo):
     run = demo["dir"]
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "eval.json", "eval.md",
-                 "eval.png", "eval_samples.jsonl"):
+                 "eval.png", "eval_samples.jsonl", "report.html"):
         assert (run / name).is_file(), name
+    assert f"[lowvram_ft] report: {run / 'report.html'}" in demo["stdout"]  # the run's page, said in one line
     assert not list(run.glob(".*partial*")) and not list(run.glob(".*.tmp")), "no half-written leftovers"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"]["kind"] == "cpu" and summary["peak_memory_kind"] == "peak_rss"

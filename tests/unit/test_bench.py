@@ -191,6 +191,21 @@ def test_markdown_tables_for_cpu_figures():
     assert "Command: `python -m lowvram_ft bench`" in markdown and "Emulated budgets" not in markdown
 
 
+def test_html_page_holds_the_markdown_tables_and_the_charts(tmp_path):
+    counts = {"trainable": 110592}
+    ours = record(stack="lowvram_ft", tokens_per_s=4388.0, median_step_s=0.0563, peak_rss_gib=0.92, load_gib=0.01,
+                  trainable_parameters=counts, losses=[6.1091], data_digest="d")
+    hf = record(stack="hf", status="OOM", error="<b>killed</b>", tokens_per_s=None, trainable_parameters=counts)
+    env = {"date": "2026-11-23", "device": {"kind": "cpu", "name": "cpu"}, "command": "python -m lowvram_ft bench"}
+    report.write_results([ours, hf], env, tmp_path, "2026-11-23-cpu")
+    html = (tmp_path / "2026-11-23-cpu.html").read_text(encoding="utf-8")
+    assert "<title>Benchmark — 2026-11-23, cpu</title>" in html
+    assert "<td>embedded s256 b1</td><td>lowvram_ft</td><td>ok</td><td>4,388</td>" in html
+    assert "<td><strong>OOM</strong></td>" in html and "&lt;b&gt;killed&lt;/b&gt;" in html and "<b>" not in html
+    assert html.count("<svg") == 2 and "tokens/s (trained tokens)" in html
+    assert "<code>python -m lowvram_ft bench</code>" in html and html.count("<script") == 1
+
+
 def test_markdown_marks_oom_and_budgets_as_emulated():
     ok = record(setting="gpt-oss-20b-random s1024 b1 @16GiB", stack="lowvram_ft", tokens_per_s=5000.0,
                 peak_reserved_gib=11.5, mfu=0.2)
