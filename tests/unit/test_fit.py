@@ -194,8 +194,9 @@ def test_the_reload_probe_is_rendered_by_the_models_own_renderer(gptoss_tokenize
             return {"<|im_start|>": 1, "<|im_end|>": 2}
 
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-            assert not tokenize and add_generation_prompt
-            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+            assert not tokenize
+            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + (
+                "<|im_start|>assistant\n" if add_generation_prompt else "")
 
     assert probe_text(ChatML()) == f"<|im_start|>user\n{PROBE_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 
