@@ -165,7 +165,7 @@ def evaluate_run(model, tokenizer, cfg: Config, data, run_dir: Path, console) ->
     """Base (adapter off) vs tuned (adapter on), same prompts and seeds; report in the run folder. The
     languages the training rows reason in are "trained", every other asked language "zero-shot"."""
     evaluate_model(model, tokenizer, cfg, run_dir, trained_languages=training_languages(data.stats["reasoning_languages"]),
-                   labels_from="this run's training rows (summary.json: data.rows.reasoning_languages)",
+                   labels_from="this run's training rows: summary.json data.rows.reasoning_languages",
                    heldout=data.heldout, console=console)
 
 
