@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a train run folder (its config and adapter)")
     smoke.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder on top of --model")
     smoke.add_argument("--min-think-match", type=float, metavar="X",
-                       help="exit 1 when the (tuned, else base) think-match rate of the trained languages is below X")
+                       help="exit 1 when the (tuned, else base) think-match rate of the trained languages "
+                       "(of every asked language when they are unknown: no --run) is below X")
     smoke.set_defaults(run=run_eval, smoke=True)
 
     report = sub.add_parser("report", help="one self-contained HTML page of a run (RUN/report.html), or two runs compared")
@@ -294,6 +295,7 @@ def run_data(args) -> int:
 def run_score(args) -> int:
     output = args.output or str(args.input).removesuffix(".jsonl") + ".scored.jsonl"
     rows = scoring.score_file(args.input, output, answer_in=args.answer_in)
+    print(report.labels_line(None, None, "completions scored without a run"))
     report.print_language_table(rows, title=f"reasoning language — {args.input}")
     print(f"per-sample scores: {output}")
     return 0
@@ -313,15 +315,17 @@ def run_eval(args) -> int:
         out_dir = Path(args.output) if args.output else Path("runs") / ("smoke" if args.smoke else "eval")
     # A run's folder is in use while it is evaluated into (smoke writes RUN/smoke): no train --overwrite meanwhile.
     with folders.hold(Path(args.run_dir), "evaluating") if args.run_dir else contextlib.nullcontext():
-        result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke)
+        result = evaluate.run_eval(cfg, adapter, out_dir, smoke=args.smoke,
+                                   run_dir=Path(args.run_dir) if args.run_dir else None)
     print(f"evaluation written to {out_dir}")
     run_report.report_after_run(out_dir)
     threshold = getattr(args, "min_think_match", None)
     if threshold is not None:
         phase = "after" if "after" in result["tables"] else "before"
-        rate = next((r["think_rate"] for r in result["tables"][phase] if r["group"] == "trained"), None)
+        group = "overall" if result["trained_languages"] is None else "trained"
+        rate = next((r["think_rate"] for r in result["tables"][phase] if r["group"] == group), None)
         if rate is None or rate < threshold:
-            print(f"error: think match of the trained languages ({phase}) is "
+            print(f"error: think match of the {'asked' if group == 'overall' else 'trained'} languages ({phase}) is "
                   f"{'n/a' if rate is None else f'{rate:.3f}'}, below --min-think-match {threshold}", file=sys.stderr)
             return 1
     return 0

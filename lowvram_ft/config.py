@@ -163,7 +163,7 @@ class EvalConfig:
     enabled: bool = field(default=True, metadata=doc("Run the before/after reasoning-language evaluation after training."))
     prompts: str | None = field(default=None, metadata=doc("Prompt suite YAML; None = the shipped suite."))
     languages: list[str] = field(default_factory=list, metadata=doc(
-        "Target reasoning languages; empty = the suite's trained + zero-shot languages."))
+        "Target reasoning languages; empty = the suite's `languages`."))
     samples_per_prompt: int = field(default=1, metadata=doc("Completions per prompt and language.", min=1))
     max_new_tokens: int = field(default=512, metadata=doc("Generation limit; longer = slower eval, fewer truncated samples.", min=1))
     temperature: float = field(default=1.0, metadata=doc("Sampling temperature (gpt-oss recommends 1.0).", min=0.0))

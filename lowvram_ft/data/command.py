@@ -81,7 +81,7 @@ def describe_stats(rows: dict, tokens: dict) -> list[str]:
     lines += [
         f"rows     {rows['train_rows']} train, {rows['heldout_rows']} held out; mixing: {rows['mixing']}",
         f"shapes   {counts(rows['shapes'])}",
-        f"reasoning languages (train)  {counts(rows['reasoning_languages'])}",
+        f"reasoning languages (train rows with reasoning; none = without)  {counts(rows['reasoning_languages'])}",
         f"skipped  {rows['skipped_rows']} rows" + (f" ({counts(rows['skipped'])})" if rows["skipped"] else ""),
         f"tokens   per row min {tokens['min_tokens']} / median {tokens['median_tokens']} / max {tokens['max_tokens']}; "
         f"trained share {100 * tokens['trained_share']:.1f}% ({tokens['trained_tokens']} of {tokens['tokens']}, "

@@ -24,6 +24,8 @@ class LoadedData:
     train: list[Example]
     heldout: list[Example]
     stats: dict  # train_rows, heldout_rows, sources, shapes, reasoning_languages, skipped, mixing
+    # reasoning_languages: train rows per reasoning language, counting only rows whose closing assistant turn
+    # has reasoning (rows without reasoning under "none"): the evaluation labels these languages "trained".
 
 
 def load_data(cfg: Config) -> LoadedData:
@@ -110,8 +112,13 @@ def row_stats(results, problems, used, train, heldout, cfg: Config) -> dict:
 
 
 def language_of(example: Example) -> str:
+    """The row's reasoning language when it trains reasoning (its closing assistant turn has non-empty
+    thinking), else "none": a row with a reasoning_language but no reasoning trains no language."""
     item = example.item
-    return (item.reasoning_language if isinstance(item, Conversation) else None) or "none"
+    if not isinstance(item, Conversation) or not item.reasoning_language:
+        return "none"
+    closing = next((m for m in reversed(item.messages) if m.role == "assistant"), None)
+    return item.reasoning_language if closing is not None and (closing.thinking or "").strip() else "none"
 
 
 def mixing_note(cfg: Config, results, used) -> str:

@@ -4,6 +4,7 @@ after) → scoring (Harmony / <think> parsing, per-sentence language identificat
 the offline `score` command) → report (terminal tables, eval.md, eval.png) → generation (the prompt as
 trained, seeded sampling, reasoning split from answer; shared with chat) → run (the suite, base vs
 tuned on the same prompts, perplexity, the `eval` / `smoke` commands)."""
+from .languages import training_languages
 from .run import EvalError, evaluate_model, run_config, run_eval
 
-__all__ = ["EvalError", "evaluate_model", "run_config", "run_eval"]
+__all__ = ["EvalError", "evaluate_model", "run_config", "run_eval", "training_languages"]

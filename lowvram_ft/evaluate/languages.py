@@ -1,8 +1,10 @@
 """The languages the evaluation asks for and recognises: codes, names, scripts, the close neighbours a
-model may drift into, and the name -> code normalisation every command uses. Pure data, no model."""
+model may drift into, the name -> code normalisation every command uses, and which asked languages a
+run trained (from its data). Pure data, no model."""
 from __future__ import annotations
 
 import re
+from typing import Mapping, Sequence
 
 
 # code -> (English name, script). Latin-script languages are decided by py3langid, the rest by script.
@@ -64,9 +66,9 @@ _ALIASES = {
 }
 UNDETERMINED = "und"  # a judged sentence in a script none of LANGUAGES uses
 
-# The mission's languages: trained (in Multilingual-Thinking) and zero-shot (absent from it).
-TRAINED_LANGUAGES = ("en", "fr", "de", "es", "it")
-ZERO_SHOT_LANGUAGES = ("ja", "zh", "ko")
+# The group of an asked language: the run's training rows reason in it, they do not, or there is no run to tell.
+TRAINED, ZERO_SHOT, UNKNOWN = "trained", "zero-shot", "unknown"
+NO_REASONING = "none"  # summary.json's count of training rows without reasoning (they train no language)
 
 def normalize_language(name_or_code: str) -> str:
     """'Japanese', 'ja', 'JA', 'ja-JP', '日本語' -> 'ja'. Unknown -> ValueError naming the accepted set."""
@@ -88,3 +90,39 @@ def normalize_language(name_or_code: str) -> str:
 
 def _accepted() -> str:
     return "accepted: " + ", ".join(f"{name}/{code}" for code, (name, _s) in LANGUAGES.items())
+
+
+def language_code(name_or_code: str) -> str:
+    """normalize_language, except that a name it does not know stays as written (lower-cased): a data
+    set may reason in a language the evaluation cannot ask for."""
+    try:
+        return normalize_language(name_or_code)
+    except ValueError:
+        return str(name_or_code).strip().lower()
+
+
+def language_name(code: str) -> str:
+    return LANGUAGES[code][0] if code in LANGUAGES else code
+
+
+def training_languages(reasoning_languages: Mapping[str, int] | None) -> list[str] | None:
+    """The languages a run trained reasoning in, as codes (LANGUAGES' order, then unknown names), from
+    the row counts of summary.json's data.rows.reasoning_languages: every language with at least one
+    training row whose closing assistant turn has reasoning. Rows without reasoning (counted under
+    "none") make no language trained. None (unknown) when there are no counts to read."""
+    if reasoning_languages is None:
+        return None
+    codes = {language_code(name) for name, count in reasoning_languages.items()
+             if name != NO_REASONING and count and str(name).strip()}
+    order = list(LANGUAGES)
+    return sorted(codes, key=lambda c: (order.index(c) if c in LANGUAGES else len(order), c))
+
+
+def language_groups(asked: Sequence[str], trained: Sequence[str] | None) -> dict[str, str]:
+    """Asked language (code, in the order asked) -> "trained" when the run's training rows reason in
+    it, "zero-shot" when they do not, "unknown" for every language when trained is None (no run)."""
+    codes = list(dict.fromkeys(normalize_language(a) for a in asked))
+    if trained is None:
+        return {code: UNKNOWN for code in codes}
+    known = {language_code(t) for t in trained}
+    return {code: TRAINED if code in known else ZERO_SHOT for code in codes}

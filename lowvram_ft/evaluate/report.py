@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..terminal import print_table
+from .languages import language_name
 
 
 def print_language_table(rows: list[dict], title: str, console=None) -> None:
@@ -45,11 +46,27 @@ def signed(x) -> str:
     return "—" if x is None else f"{100 * x:+.1f} pt"
 
 
+def labels_line(trained: Sequence[str] | None, zero_shot: Sequence[str] | None, source: str) -> str:
+    """Which asked languages are trained and which zero-shot, and where that comes from; without a run:
+    "trained: unknown"."""
+    if trained is None:
+        return f"trained: unknown — {source}; no trained / zero-shot rows"
+    def names(codes):
+        return ", ".join(language_name(c) for c in codes) or "none"
+    return f"trained: {names(trained)}; zero-shot: {names(zero_shot or [])} (from {source})"
+
+
+def result_labels_line(result: Mapping) -> str:
+    return labels_line(result.get("trained_languages"), result.get("zero_shot_languages"),
+                       result.get("labels_from") or "no run")
+
+
 def print_eval(result: dict, console=None) -> None:
     """The evaluation's tables: each phase, then before vs after, then perplexity."""
     from rich.console import Console
 
     console = console or Console(highlight=False)
+    console.print(result_labels_line(result), highlight=False)
     for phase, rows in result["tables"].items():
         print_language_table(rows, f"reasoning language — {phase_title(phase)}", console)
     if result.get("comparison"):
@@ -72,11 +89,13 @@ def eval_markdown(result: dict) -> str:
     lines = [
         "# Reasoning-language evaluation",
         "",
-        f"Target languages: {', '.join(s['languages'])} (trained: {', '.join(result['trained_languages'])}; "
-        f"zero-shot: {', '.join(result['zero_shot_languages'])}). {s['prompts']} prompts × "
+        f"Target languages: {', '.join(s['languages'])}. {s['prompts']} prompts × "
         f"{s['samples_per_prompt']} sample(s), max {s['max_new_tokens']} new tokens, "
         + ("greedy decoding" if s["greedy"] else f"sampling temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}")
         + f", reasoning effort {s['reasoning_effort']}, seed {s['seed']}; answers expected in the {s['answer_in']}'s language.",
+        "",
+        result_labels_line(result) + ". Trained = the languages the run's training rows reason in; "
+        "zero-shot = every other asked language.",
         "",
         "think match = the reasoning's dominant language (judged sentence by sentence) is the target; "
         "answer match = the final answer is in the expected language. Rates are over scorable samples "

@@ -23,6 +23,7 @@ from ..io import write_atomic, write_json
 from ..model import import_unsloth, input_device, load_model
 from . import report
 from .generation import attach_adapter, generate, parse_output, prompt_text, ready_for_generation, uses_harmony
+from .languages import TRAINED, ZERO_SHOT, language_groups, training_languages
 from .scoring import normalize_language, score_sample
 from .statistics import aggregate, compare
 
@@ -47,8 +48,7 @@ class Case:
 @dataclass(frozen=True)
 class Suite:
     prompts: list[dict]
-    trained_languages: list[str]
-    zero_shot_languages: list[str]
+    languages: list[str]  # which languages to ask, in order (trained / zero-shot comes from the run's data)
     smoke: list[str]
 
 
@@ -68,8 +68,9 @@ def load_suite(path: str | None = None) -> Suite:
         prompts.append({"id": str(item.get("id", f"p{i}")), "category": str(item.get("category", "other")), "text": text})
     if not prompts:
         raise EvalError(f"{p}: no prompts — add a `prompts:` list")
-    return Suite(prompts, list(data.get("trained_languages") or []), list(data.get("zero_shot_languages") or []),
-                 [str(s) for s in data.get("smoke") or []])
+    # A suite written before `languages:` lists trained_languages / zero_shot_languages: asked, as their union.
+    asked = [str(x) for key in ("languages", "trained_languages", "zero_shot_languages") for x in data.get(key) or []]
+    return Suite(prompts, list(dict.fromkeys(asked)), [str(s) for s in data.get("smoke") or []])
 
 
 def build_cases(suite: Suite, languages: list[str], samples: int, smoke: bool = False) -> list[Case]:
@@ -80,7 +81,33 @@ def build_cases(suite: Suite, languages: list[str], samples: int, smoke: bool = 
 
 
 def target_languages(cfg: EvalConfig, suite: Suite) -> list[str]:
-    return list(cfg.languages) or suite.trained_languages + suite.zero_shot_languages
+    return list(cfg.languages) or list(suite.languages)
+
+
+def language_labels(asked: list[str], trained: list[str] | None, source: str) -> dict:
+    """What eval.json records about trained vs zero-shot: the run's training languages (None: no run,
+    trained unknown), the asked ones it did not train (None likewise), each asked language's group
+    and where the labels came from."""
+    groups = language_groups(asked, trained)
+    return {"trained_languages": trained,
+            "zero_shot_languages": None if trained is None else [c for c, g in groups.items() if g == ZERO_SHOT],
+            "language_groups": groups, "labels_from": source}
+
+
+def run_training_languages(run_dir: Path | None) -> tuple[list[str] | None, str]:
+    """(the training languages of a run folder, from its summary.json, where they came from); None
+    (trained: unknown) without a run folder or a summary.json (an unfinished run)."""
+    if run_dir is None:
+        return None, "no run (pass --run RUN_DIR to label trained / zero-shot languages)"
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None, f"{path} not found (an unfinished run?)"
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8"))["data"]["rows"]["reasoning_languages"]
+    except (ValueError, KeyError, TypeError):
+        raise EvalError(f"{path}: no data.rows.reasoning_languages to label trained / zero-shot languages — "
+                        "pass the folder of a finished train run, or re-run its training") from None
+    return training_languages(counts), f"{path}: data.rows.reasoning_languages"
 
 
 def case_conversation(case: Case) -> Conversation:
@@ -142,9 +169,12 @@ def evaluate_phase(model, tokenizer, cases, prompts, cfg: Config, phase: str, he
     return samples, perplexity(model, tokenizer, heldout or [], cfg)
 
 
-def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, console=None,
-                   smoke: bool = False, has_adapter: bool = True) -> dict:
-    """Base vs tuned on the same prompts; writes eval.json, eval.md, eval.png, eval_samples.jsonl."""
+def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, *, trained_languages: list[str] | None,
+                   labels_from: str = "", heldout=None, console=None, smoke: bool = False,
+                   has_adapter: bool = True) -> dict:
+    """Base vs tuned on the same prompts; writes eval.json, eval.md, eval.png, eval_samples.jsonl.
+    trained_languages: the languages the run's training rows reason in (`training_languages`); every
+    other asked language is zero-shot. None = no run to tell: trained unknown, no pooled rows."""
     import time
 
     import_unsloth()
@@ -161,16 +191,18 @@ def evaluate_model(model, tokenizer, cfg: Config, run_dir: Path, heldout=None, c
         phases["after"] = evaluate_phase(model, tokenizer, cases, prompts, cfg, "after", heldout)
     else:
         phases["before"] = evaluate_phase(model, tokenizer, cases, prompts, cfg, "before", heldout)
-    tables = {phase: aggregate([s for s in samples], trained=suite.trained_languages,
-                               zero_shot=suite.zero_shot_languages) for phase, (samples, _) in phases.items()}
+    labels = language_labels(languages, trained_languages, labels_from)
+    pooled = {name: None if trained_languages is None else [c for c, g in labels["language_groups"].items() if g == name]
+              for name in (TRAINED, ZERO_SHOT)}
+    tables = {phase: aggregate(samples, trained=pooled[TRAINED], zero_shot=pooled[ZERO_SHOT])
+              for phase, (samples, _) in phases.items()}
     result = {
         "settings": {"languages": languages, "prompts": len({c.prompt_id for c in cases}),
                      "samples_per_prompt": cfg.eval.samples_per_prompt, "max_new_tokens": cfg.eval.max_new_tokens,
                      "greedy": cfg.eval.greedy or cfg.eval.temperature == 0, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                      "top_k": cfg.eval.top_k, "reasoning_effort": cfg.data.reasoning_effort,
                      "seed": cfg.train.seed, "answer_in": cfg.eval.answer_in, "smoke": smoke},
-        "trained_languages": suite.trained_languages,
-        "zero_shot_languages": suite.zero_shot_languages,
+        **labels,
         "perplexity": {phase: ppl for phase, (_, ppl) in phases.items()},
         "tables": tables,
         "comparison": compare(tables["before"], tables["after"]) if "after" in tables else None,
@@ -198,13 +230,16 @@ SMOKE_OVERRIDES = {"samples_per_prompt": 1, "perplexity_rows": 8}
 SMOKE_MAX_NEW_TOKENS = 256  # short, but room for a brief analysis + answer (truncated samples do not score)
 
 
-def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = False, console=None) -> dict:
-    """Load the model once (plus the adapter, if any) and evaluate base vs tuned into out_dir."""
+def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = False, console=None,
+             run_dir: Path | None = None) -> dict:
+    """Load the model once (plus the adapter, if any) and evaluate base vs tuned into out_dir; trained /
+    zero-shot languages from run_dir's summary.json (without one: trained unknown)."""
     import dataclasses
 
     if smoke:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
             cfg.eval, max_new_tokens=min(cfg.eval.max_new_tokens, SMOKE_MAX_NEW_TOKENS), **SMOKE_OVERRIDES))
+    trained, labels_from = run_training_languages(run_dir)
     with folders.hold(out_dir, "evaluating"):  # not while another process trains or evaluates there
         import_unsloth()
         device = detect_device()
@@ -212,8 +247,8 @@ def run_eval(cfg: Config, adapter: str | None, out_dir: Path, smoke: bool = Fals
         if adapter:
             model = attach_adapter(model, adapter)
         heldout = heldout_rows(cfg, load_data)
-        return evaluate_model(model, tokenizer, cfg, out_dir, heldout=heldout, console=console, smoke=smoke,
-                              has_adapter=bool(adapter))
+        return evaluate_model(model, tokenizer, cfg, out_dir, trained_languages=trained, labels_from=labels_from,
+                              heldout=heldout, console=console, smoke=smoke, has_adapter=bool(adapter))
 
 
 def heldout_rows(cfg: Config, load_data) -> list:

@@ -45,8 +45,7 @@ from typing import Mapping, Sequence
 
 from ..errors import UserError
 from ..io import write_jsonl
-from .languages import (LATIN_IDENTIFIED, SCRIPT_LANGUAGE, TRAINED_LANGUAGES, UNDETERMINED,
-                        ZERO_SHOT_LANGUAGES, normalize_language)
+from .languages import LATIN_IDENTIFIED, SCRIPT_LANGUAGE, UNDETERMINED, normalize_language
 from .statistics import aggregate
 
 MIN_LETTERS = 12     # alphabetic scripts: fewer letters (after cleaning) -> too short to judge
@@ -433,15 +432,16 @@ class ScoreInputError(UserError, ValueError):
 
 
 def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, answer_in: str = "user",
-               trained: Sequence[str] | None = TRAINED_LANGUAGES,
-               zero_shot: Sequence[str] | None = ZERO_SHOT_LANGUAGES) -> list[dict]:
+               trained: Sequence[str] | None = None, zero_shot: Sequence[str] | None = None) -> list[dict]:
     """Score every line of a completions.jsonl and write one JSON line per input line (its fields
     plus the scores of `score_sample`; language fields become codes) to `output_path`, atomically.
     A line gives `target_language` and either `completion` (raw Harmony text; it wins when both are
     there) or `analysis`/`final`; optional `user_language` (default English) and `truncated`/`stopped`.
-    Returns the `aggregate` rows. Every line is checked before anything is written; the first bad one
-    raises ScoreInputError (the count of further bad lines is on the same line), as does an output that
-    is the input file itself (it would be rewritten)."""
+    Returns the `aggregate` rows: pooled "trained" / "zero-shot" rows only for the languages given
+    (completions come without a run, so by default which languages were trained is unknown and there
+    are none). Every line is checked before anything is written; the first bad one raises
+    ScoreInputError (the count of further bad lines is on the same line), as does an output that is
+    the input file itself (it would be rewritten)."""
     if answer_in not in ANSWER_IN:
         raise ValueError(f"answer_in must be one of {ANSWER_IN}, got {answer_in!r}")
     input_path, output_path = Path(input_path), Path(output_path)

@@ -19,7 +19,7 @@ from .. import model as models
 from ..data import load_data, tokenize_data
 from ..errors import UserError, is_out_of_memory
 from ..conversation import Conversation, Message
-from ..evaluate import evaluate_model
+from ..evaluate import evaluate_model, training_languages
 from ..evaluate.generation import PromptError, prompt_text
 from ..config import EMBEDDED_MODELS, Config, ConfigError, load_config, parse_override, to_dict, to_yaml
 from ..io import write_atomic as write_text_atomic, write_json as write_json_atomic
@@ -175,8 +175,11 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
 
 
 def evaluate_run(model, tokenizer, cfg: Config, data, run_dir: Path, console) -> None:
-    """Base (adapter off) vs tuned (adapter on), same prompts and seeds; report in the run folder."""
-    evaluate_model(model, tokenizer, cfg, run_dir, heldout=data.heldout, console=console)
+    """Base (adapter off) vs tuned (adapter on), same prompts and seeds; report in the run folder. The
+    languages the training rows reason in are "trained", every other asked language "zero-shot"."""
+    evaluate_model(model, tokenizer, cfg, run_dir, trained_languages=training_languages(data.stats["reasoning_languages"]),
+                   labels_from="this run's training rows: summary.json data.rows.reasoning_languages",
+                   heldout=data.heldout, console=console)
 
 
 # --------------------------------------------------------------------------- steps

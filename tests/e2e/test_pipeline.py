@@ -114,6 +114,10 @@ print(json.dumps({{"ids": probe["top_ids"], "want": probe["top_logits"], "got": 
 def test_tuned_model_reasons_in_the_requested_language(demo):
     """A real learning effect, measured by the evaluation harness itself."""
     result = json.loads((demo["dir"] / "eval.json").read_text())
+    # Trained vs zero-shot from the run's data: the shipped sample data reasons in Japanese too.
+    assert result["language_groups"] == {**dict.fromkeys(["en", "fr", "de", "es", "it", "ja"], "trained"),
+                                         "zh": "zero-shot", "ko": "zero-shot"}
+    assert result["zero_shot_languages"] == ["zh", "ko"]
     before = {r["group"]: r for r in result["tables"]["before"]}
     after = {r["group"]: r for r in result["tables"]["after"]}
     assert after["trained"]["think_all_rate"] > before["trained"]["think_all_rate"] + 0.5
@@ -138,6 +142,7 @@ def test_smoke_is_the_short_evaluation_and_gates_on_think_match(demo):
     smoke = json.loads((demo["dir"] / "smoke" / "eval.json").read_text())
     full = json.loads((demo["dir"] / "eval.json").read_text())
     assert smoke["settings"]["smoke"] is True and smoke["settings"]["max_new_tokens"] <= SMOKE_MAX_NEW_TOKENS
+    assert smoke["trained_languages"] == full["trained_languages"] and "summary.json" in smoke["labels_from"]
     def asked(result):
         return {r["group"]: r for r in result["tables"]["after"]}["overall"]["n"]
 

@@ -154,6 +154,28 @@ def test_sample_is_the_shipped_file(tmp_path):
     loaded = data.load_data(config(tmp_path, "sample"))
     assert list(loaded.stats["shapes"]) == ["multilingual_thinking"] and loaded.stats["skipped_rows"] == 0
     assert "none" not in loaded.stats["reasoning_languages"]
+    # The shipped data reasons in Japanese too: a run on it labels Japanese trained, Chinese / Korean zero-shot.
+    from lowvram_ft.evaluate.languages import language_groups, training_languages
+
+    groups = language_groups(["English", "Japanese", "Chinese", "Korean"], training_languages(loaded.stats["reasoning_languages"]))
+    assert groups == {"en": "trained", "ja": "trained", "zh": "zero-shot", "ko": "zero-shot"}
+
+
+def test_rows_without_reasoning_train_no_reasoning_language(tmp_path):
+    """summary.json's reasoning_languages counts a row under its language only when its closing assistant
+    turn has reasoning; the evaluation labels exactly those languages trained."""
+    rows = [
+        {"reasoning_language": "French", "user": "2+2?", "analysis": "Deux plus deux font quatre.", "final": "4"},
+        {"reasoning_language": "Japanese", "user": "3+3?", "analysis": "", "final": "6"},
+        {"reasoning_language": "Korean", "user": "5+5?", "final": "10"},
+    ]
+    # Reasoning in an earlier turn only: the closing assistant turn, the one trained as the answer, has none.
+    chat = [{"messages": [{"role": "system", "content": "reasoning language: German"},
+                          {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hallo", "thinking": "Gruß."},
+                          {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hallo!"}]}]
+    loaded = data.load_data(config(tmp_path, write_jsonl(tmp_path / "mt.jsonl", rows),
+                                   write_jsonl(tmp_path / "chat.jsonl", chat), eval_fraction=0.0))
+    assert loaded.stats["reasoning_languages"] == {"French": 1, "none": 3}
 
 
 # --------------------------------------------------------------------------- validation
@@ -454,7 +476,7 @@ def test_export_and_inspect(tmp_path, harmony_tok, monkeypatch):
     assert data.inspect(cfg, show=2, export=str(export), console=Console(file=out, width=300)) == 0
     printed = out.getvalue()
     assert "shapes   messages 4, multilingual_thinking 4" in printed
-    assert "reasoning languages (train)  none 3, French 2, German 1, Italian 1, Spanish 1" in printed
+    assert "reasoning languages (train rows with reasoning; none = without)  none 3, French 2, German 1, Italian 1, Spanish 1" in printed
     assert printed.count("── example ") == 2 and "trained share" in printed and "cache    miss" in printed
     rows = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 8 and set(rows[0]) == {"source", "text", "input_ids", "labels"}

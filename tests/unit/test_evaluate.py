@@ -17,8 +17,7 @@ def test_shipped_suite_has_the_required_prompts_and_languages():
     texts = [p["text"] for p in suite.prompts]
     assert "Solve x^5 + 3x^4 - 10 = 3." in texts
     assert {p["category"] for p in suite.prompts} >= {"math", "everyday", "code"}
-    assert suite.trained_languages == ["English", "French", "German", "Spanish", "Italian"]
-    assert suite.zero_shot_languages == ["Japanese", "Chinese", "Korean"]
+    assert suite.languages == ["English", "French", "German", "Spanish", "Italian", "Japanese", "Chinese", "Korean"]
     assert set(suite.smoke) <= {p["id"] for p in suite.prompts} and 3 <= len(suite.smoke) <= 4
 
 
@@ -98,6 +97,65 @@ def test_parse_output_scores_qwen3_think_tags():
     assert empty == Parsed("", answer, True, False) and score_sample("French", parsed=empty)["think_match"] is None
 
 
+def test_old_style_suite_asks_the_union_of_its_two_lists(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("trained_languages: [English, French]\nzero_shot_languages: [Korean, French]\n"
+                   "prompts:\n  - {id: a, category: math, text: 'What is 2+2?'}\n")
+    suite = load_suite(str(old))
+    assert suite.languages == ["English", "French", "Korean"]
+    assert target_languages(load_config().eval, suite) == ["English", "French", "Korean"]
+
+
+# --------------------------------------------------------------------------- trained vs zero-shot, from the data
+
+ASKED = ["English", "French", "German", "Spanish", "Italian", "Japanese", "Chinese", "Korean"]
+
+
+def test_languages_the_training_rows_reason_in_are_trained_the_rest_zero_shot():
+    from lowvram_ft.evaluate.languages import language_groups, training_languages
+
+    # summary.json's data.rows.reasoning_languages of a run on the shipped sample data (names, as the data has them)
+    counts = {"Japanese": 97, "English": 98, "French": 96, "German": 99, "Spanish": 97, "Italian": 95}
+    trained = training_languages(counts)
+    assert trained == ["en", "fr", "de", "es", "it", "ja"]
+    assert language_groups(ASKED, trained) == {"en": "trained", "fr": "trained", "de": "trained", "es": "trained",
+                                               "it": "trained", "ja": "trained", "zh": "zero-shot", "ko": "zero-shot"}
+    # Rows without reasoning (counted under "none") make no language trained; a zero count neither.
+    assert training_languages({"none": 40, "French": 3, "Japanese": 0}) == ["fr"]
+    assert language_groups(["ja", "fr"], training_languages({"none": 40, "French": 3})) == {
+        "ja": "zero-shot", "fr": "trained"}
+    # A run whose rows carry no reasoning trains no language: all asked languages are zero-shot.
+    assert set(language_groups(ASKED, training_languages({"none": 12})).values()) == {"zero-shot"}
+    # No run (no counts): every asked language is unknown.
+    assert training_languages(None) is None
+    assert set(language_groups(ASKED, None).values()) == {"unknown"}
+    # A language the evaluation cannot ask for is kept, as written.
+    assert training_languages({"Klingon": 2, "ja-JP": 1}) == ["ja", "klingon"]
+
+
+def test_eval_labels_come_from_the_run_summary(tmp_path):
+    from lowvram_ft.evaluate.run import language_labels, run_training_languages
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert run_training_languages(None)[0] is None
+    trained, source = run_training_languages(run)  # no summary.json: an unfinished run
+    assert trained is None and "summary.json not found" in source
+    unknown = language_labels(["French", "Japanese"], None, source)
+    assert unknown["trained_languages"] is None and unknown["zero_shot_languages"] is None
+    assert unknown["language_groups"] == {"fr": "unknown", "ja": "unknown"}
+    (run / "summary.json").write_text(json.dumps({"data": {"rows": {"reasoning_languages": {
+        "Japanese": 5, "French": 4, "none": 2}}}}))
+    trained, source = run_training_languages(run)
+    assert trained == ["fr", "ja"] and source.endswith("summary.json: data.rows.reasoning_languages")
+    labels = language_labels(["French", "Japanese", "Chinese", "Korean"], trained, source)
+    assert labels["zero_shot_languages"] == ["zh", "ko"]
+    assert labels["language_groups"] == {"fr": "trained", "ja": "trained", "zh": "zero-shot", "ko": "zero-shot"}
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(EvalError, match="no data.rows.reasoning_languages"):
+        run_training_languages(run)
+
+
 def test_missing_suite_is_an_eval_error(tmp_path):
     with pytest.raises(EvalError, match="prompt suite not found"):
         load_suite(str(tmp_path / "nope.yaml"))
@@ -124,18 +182,24 @@ def test_reports_are_written_from_result_tables(tmp_path):
     result = {"settings": {"languages": ["French"], "prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 64,
                            "greedy": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "reasoning_effort": "medium",
                            "seed": 1, "answer_in": "user", "smoke": False},
-              "trained_languages": ["French"], "zero_shot_languages": ["Japanese"],
+              "trained_languages": ["fr"], "zero_shot_languages": ["ja"], "labels_from": "a test",
               "perplexity": {"before": 2000.0, "after": 5.0}, "tables": tables,
               "comparison": compare(tables["before"], tables["after"])}
     write_eval(tmp_path, result, samples)
     md = (tmp_path / "eval.md").read_text()
     assert "## Before vs after" in md and "| fr | 4 | 4 | — | 100.0% |" in md
+    assert "trained: French; zero-shot: Japanese (from a test)" in md
     assert "- tuned (adapter on): 5.00" in md
     assert json.loads((tmp_path / "eval.json").read_text())["comparison"][0]["think_all_after"] == 1.0
     png = (tmp_path / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert len((tmp_path / "eval_samples.jsonl").read_text().splitlines()) == 8
     assert hashlib.sha256(png).hexdigest()  # written, readable
+    unknown = {**result, "trained_languages": None, "zero_shot_languages": None, "labels_from": "no run",
+               "tables": {p: aggregate([s for s in samples if s["phase"] == p]) for p in ("before", "after")}}
+    write_eval(tmp_path, unknown, samples)
+    assert "trained: unknown — no run; no trained / zero-shot rows" in (tmp_path / "eval.md").read_text()
+    assert "trained" not in {r["group"] for r in json.loads((tmp_path / "eval.json").read_text())["tables"]["after"]}
 
 
 def test_embedded_model_is_built_deterministically_and_quietly(tmp_path, capfd):

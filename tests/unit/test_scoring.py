@@ -489,11 +489,14 @@ def test_score_file_round_trip(tmp_path):
     assert scored[0]["completion"].startswith("<|channel|>analysis")  # input fields kept
     assert scored[6]["stopped"] is True
     by_group = {r["group"]: r for r in rows}
-    assert list(by_group) == ["de", "es", "fr", "it", "ja", "ko", "zh", "trained", "zero-shot", "overall"]
+    # Completions without a run: which languages were trained is unknown, so no pooled trained / zero-shot rows.
+    assert list(by_group) == ["de", "es", "fr", "it", "ja", "ko", "zh", "overall"]
     overall = by_group["overall"]
     assert (overall["n"], overall["scorable"], overall["unparsed"], overall["truncated"]) == (9, 6, 1, 2)
     assert (overall["think_n"], overall["think_match"], overall["answer_n"], overall["answer_match"]) == (5, 4, 4, 4)
-    assert (by_group["trained"]["n"], by_group["zero-shot"]["n"]) == (4, 5)
+    labelled = {r["group"]: r for r in score_file(DATA / "scoring" / "completions.jsonl", out,
+                                                  trained=["English", "fr", "de", "es", "it"], zero_shot=["ja", "zh", "ko"])}
+    assert (labelled["trained"]["n"], labelled["zero-shot"]["n"]) == (4, 5)
     assert [p.name for p in out.parent.iterdir()] == ["scores.jsonl"]  # no temp file left behind
 
 
@@ -576,3 +579,15 @@ def test_module_imports_nothing_heavy():
             "print(sorted(m for m in ('py3langid', 'numpy', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_score_command_says_trained_unknown(tmp_path, capsys):
+    """`score` has no run to take the training languages from: it says so and pools nothing."""
+    from lowvram_ft import cli
+
+    assert cli.main(["score", "--input", str(DATA / "scoring" / "completions.jsonl"),
+                     "--output", str(tmp_path / "s.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("trained: unknown")
+    groups = [line.strip("│┃ ").split(" ")[0] for line in printed.splitlines()[1:]]
+    assert "overall" in groups and "trained" not in groups and "zero-shot" not in groups
