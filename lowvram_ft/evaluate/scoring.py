@@ -120,6 +120,22 @@ def parse_completion(text: str, stopped: bool | None = None) -> Parsed:
     return _collect(messages, parsed_ok=header_seen, truncated=truncated)
 
 
+def parse_think(text: str, stopped: bool) -> Parsed:
+    """Split a `<think>reasoning</think>answer` completion (Qwen3, DeepSeek-R1; the opening tag may sit
+    in the prompt). `stopped`: the model ended its turn (False = the token limit cut it). A completion
+    still inside <think> is truncated when cut, unparsed when the model ended its turn there without an
+    answer; one without tags is an answer without reasoning."""
+    body = text
+    for tail in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
+        body = body.replace(tail, "")
+    if "</think>" in body:
+        analysis, _, final = body.partition("</think>")
+        return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
+    if body.lstrip().startswith("<think>"):
+        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
+    return Parsed(None, body.strip(), True, not stopped)
+
+
 def _parse_bare(text: str, stopped: bool | None) -> Parsed:
     """The form decoded without special tokens: `analysisWe need…assistantfinalThe answer…`.
     Nothing marks the end of a message there, so only `stopped` can say it was cut off."""
@@ -246,7 +262,7 @@ _SCRIPT_RANGES = (
     ("devanagari", ((0x0900, 0x097F),)),
     ("thai", ((0x0E00, 0x0E7F),)),
 )
-_CJK_SCRIPTS = ("kana", "han", "hangul")
+CJK_SCRIPTS = ("kana", "han", "hangul")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,8 +284,8 @@ def _letter_counts(text: str) -> Counter:
 
 def _dominant_script(counts: Counter) -> tuple[str, int]:
     """(script, letters) of the dominant script, CJK pooled and weighted; ('', 0) without letters."""
-    cjk = sum(counts[s] for s in _CJK_SCRIPTS)
-    weights = {s: n for s, n in counts.items() if s not in _CJK_SCRIPTS}
+    cjk = sum(counts[s] for s in CJK_SCRIPTS)
+    weights = {s: n for s, n in counts.items() if s not in CJK_SCRIPTS}
     if cjk:
         weights["cjk"] = cjk * CJK_WEIGHT
     if not weights:
@@ -343,13 +359,12 @@ def identify_text(text: str | None) -> TextLanguage:
     counts: Counter = Counter()
     letters: Counter = Counter()
     unjudged = 0
-    for sentence in split_sentences(_strip_noise(text)):
-        language = identify_sentence(sentence)
+    for sentence, language in judge_sentences(text):
         if language is None:
             unjudged += 1
             continue
         counts[language] += 1
-        letters[language] += sum(CJK_WEIGHT if _script(c) in _CJK_SCRIPTS else 1 for c in sentence if c.isalpha())
+        letters[language] += sum(CJK_WEIGHT if _script(c) in CJK_SCRIPTS else 1 for c in sentence if c.isalpha())
     judged = sum(counts.values())
     if not judged:
         return TextLanguage(dominant=None, unjudged=unjudged)
@@ -362,6 +377,19 @@ def identify_text(text: str | None) -> TextLanguage:
         judged=judged,
         unjudged=unjudged,
     )
+
+
+def judge_sentences(text: str) -> list[tuple[str, str | None]]:
+    """(sentence, language or None when too short to judge) for every sentence of `text`, in order,
+    after code, LaTeX and the rest of clean_for_langid's noise is removed."""
+    return [(sentence, identify_sentence(sentence)) for sentence in split_sentences(_strip_noise(text))]
+
+
+def script_letters(text: str) -> Counter:
+    """Letters of `text` per script ('latin', 'kana', 'han', 'hangul', 'cyrillic', …) as written: no
+    cleaning, no weighting (CJK_SCRIPTS names the scripts CJK_WEIGHT applies to)."""
+    return Counter(_script(ch) for ch in text if ch.isalpha())
+
 
 
 # ---------------------------------------------------------------------------------------------
