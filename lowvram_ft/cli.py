@@ -12,7 +12,7 @@ import sys
 from .config import ConfigError, describe_fields, family_recipe, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
 from . import chat, data, evaluate, export, plan
-from .evaluate import report, scoring
+from .evaluate import report, rewards, scoring
 from . import bench
 from .bench.cli import add_bench_arguments
 from .train import pipeline
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", metavar="FILE.jsonl", help="per-line scores (default: INPUT.scored.jsonl)")
     score.add_argument("--answer-in", choices=("user", "target"), default="user",
                        help="expect the final answer in the user's language (default) or the target language")
+    score.add_argument("--rewards", action="store_true",
+                       help='add a "rewards" object (the GRPO rewards: language, format, answer_language, accuracy) to each line')
     score.set_defaults(run=run_score)
 
     evaluate = sub.add_parser("eval", help="before/after reasoning-language evaluation: base vs tuned, same prompts")
@@ -259,7 +261,8 @@ def run_data(args) -> int:
 
 def run_score(args) -> int:
     output = args.output or str(args.input).removesuffix(".jsonl") + ".scored.jsonl"
-    rows = scoring.score_file(args.input, output, answer_in=args.answer_in)
+    rows = scoring.score_file(args.input, output, answer_in=args.answer_in,
+                              extra=rewards.line_rewards if args.rewards else None)
     report.print_language_table(rows, title=f"reasoning language — {args.input}")
     print(f"per-sample scores: {output}")
     return 0

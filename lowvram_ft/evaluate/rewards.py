@@ -34,6 +34,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from typing import Mapping
 
 from .languages import LANGUAGES, normalize_language
 from .scoring import (CJK_SCRIPTS, CJK_WEIGHT, Parsed, identify_text, judge_sentences, parse_completion,
@@ -141,15 +142,34 @@ def accuracy_reward(parsed: Parsed, gold: str | None) -> float | None:
 
 
 def text_rewards(sample: Sample, answer_in: str = "user") -> dict[str, float | None]:
-    """Every reward computable from the text, for one sample (the `score --rewards` object)."""
-    parsed = split(sample)
+    """Every reward computable from the text, for one sample."""
     expected = sample.user_language if answer_in == "user" else sample.target_language
+    return parsed_rewards(split(sample), sample.target_language, expected, sample.gold)
+
+
+def parsed_rewards(parsed: Parsed, target_language: str, expected_answer_language: str,
+                   gold: str | None = None) -> dict[str, float | None]:
     return {
-        "language": language_reward(parsed, sample.target_language),
+        "language": language_reward(parsed, target_language),
         "format": format_reward(parsed),
-        "answer_language": answer_language_reward(parsed, expected),
-        "accuracy": accuracy_reward(parsed, sample.gold),
+        "answer_language": answer_language_reward(parsed, expected_answer_language),
+        "accuracy": accuracy_reward(parsed, gold),
     }
+
+
+def line_rewards(row: Mapping, answer_in: str = "user") -> dict:
+    """{"rewards": {...}} for one checked line of a `score` input file (`completion`, or `analysis` /
+    `final`; `target_language`, optional `user_language`, `truncated` / `stopped`, `gold`)."""
+    cut = bool(row.get("truncated")) or bool(row.get("stopped"))
+    user = row.get("user_language") or "en"
+    gold = row.get("gold")
+    gold = None if gold is None else str(gold)
+    if "completion" in row:
+        sample = Sample(row["completion"], row["target_language"], user, gold, truncated=cut or None)
+        return {"rewards": text_rewards(sample, answer_in)}
+    parsed = Parsed(row.get("analysis"), row.get("final"), parsed_ok=True, truncated=cut)
+    expected = user if answer_in == "user" else row["target_language"]
+    return {"rewards": parsed_rewards(parsed, row["target_language"], expected, gold)}
 
 
 def check_rewards(names, languages) -> list[str]:

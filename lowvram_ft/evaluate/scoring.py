@@ -41,7 +41,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import UserError
 from ..io import write_jsonl
@@ -454,13 +454,15 @@ class ScoreInputError(UserError, ValueError):
 
 def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, answer_in: str = "user",
                trained: Sequence[str] | None = TRAINED_LANGUAGES,
-               zero_shot: Sequence[str] | None = ZERO_SHOT_LANGUAGES) -> list[dict]:
+               zero_shot: Sequence[str] | None = ZERO_SHOT_LANGUAGES,
+               extra: Callable[[dict, str], dict] | None = None) -> list[dict]:
     """Score every line of a completions.jsonl and write one JSON line per input line (its fields
     plus the scores of `score_sample`; language fields become codes) to `output_path`, atomically.
     A line gives `target_language` and either `completion` (raw Harmony text; it wins when both are
     there) or `analysis`/`final`; optional `user_language` (default English) and `truncated`/`stopped`.
     Returns the `aggregate` rows. Every line is checked before anything is written; the first bad one
-    raises ScoreInputError (the count of further bad lines is on the same line)."""
+    raises ScoreInputError (the count of further bad lines is on the same line). `extra(line,
+    answer_in)` adds fields to each output line (`score --rewards`: rewards.line_rewards)."""
     if answer_in not in ANSWER_IN:
         raise ValueError(f"answer_in must be one of {ANSWER_IN}, got {answer_in!r}")
     input_path = Path(input_path)
@@ -481,7 +483,7 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
         raise ScoreInputError(errors[0] + more)
     if not records:
         raise ScoreInputError(f"{input_path}:1: no completions in the file — generate completions first")
-    scored = [{**row, **_score_record(row, answer_in)} for row in records]
+    scored = [{**row, **_score_record(row, answer_in), **(extra(row, answer_in) if extra else {})} for row in records]
     write_jsonl(Path(output_path), scored)
     return aggregate(scored, trained=trained, zero_shot=zero_shot)
 

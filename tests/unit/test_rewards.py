@@ -1,6 +1,8 @@
 """lowvram_ft.evaluate.rewards: each reward on hand-written completions, paying what a reader would."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lowvram_ft.evaluate.rewards import REWARD_NAMES, Sample, check_rewards, load_user_reward, split, text_rewards
@@ -156,3 +158,22 @@ def test_reward_names_languages_and_user_functions():
     assert problems[5].startswith("grpo.languages: the scorer cannot judge 'Klingon'")
     assert all("\n" not in p for p in problems)
     assert load_user_reward(f"{__name__}:good_reward") is good_reward
+
+
+def test_score_rewards_adds_a_rewards_object_to_each_line(tmp_path, capsys):
+    from lowvram_ft.cli import main
+
+    lines = [{"target_language": "Japanese", "completion": harmony("".join(JA), "The answer is 7 apples in total."), "gold": 7},
+             {"target_language": "ja", "analysis": " ".join(EN), "final": "Seven apples in total for Taro."},
+             {"target_language": "ja", "completion": "<|channel|>analysis<|message|>" + "".join(JA)}]
+    src = tmp_path / "completions.jsonl"
+    src.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    assert main(["score", "--input", str(src), "--rewards"]) == 0
+    out = [json.loads(x) for x in (tmp_path / "completions.scored.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [o["rewards"] for o in out] == [
+        {"language": 1.0, "format": 1.0, "answer_language": 1.0, "accuracy": 1.0},
+        {"language": 0.0, "format": 1.0, "answer_language": 1.0, "accuracy": None},
+        {"language": 0.0, "format": 0.0, "answer_language": 0.0, "accuracy": None},
+    ]
+    assert main(["score", "--input", str(src)]) == 0  # without --rewards: no rewards object
+    assert "rewards" not in json.loads((tmp_path / "completions.scored.jsonl").read_text(encoding="utf-8").splitlines()[0])
