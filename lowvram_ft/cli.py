@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output from its newest complete checkpoint, with its saved config")
     train.add_argument("--force", action="store_true", help="train even when the planner predicts it will not fit")
     train.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
+    train.add_argument("--from-run", metavar="RUN", help="start from a finished run's model and adapter "
+                       "(e.g. train.method=grpo after SFT): sets model.name, model.tokenizer and model.adapter=RUN/adapter")
     train.set_defaults(run=run_train)
 
     data = sub.add_parser("data", help="statistics, rendered examples with trained tokens, --check, --export")
@@ -164,7 +166,7 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (groups: model, lora, data, train, eval, output)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (groups: model, lora, data, train, grpo, eval, output)")
     p.add_argument("--model", help="Hub id or local folder (default: the embedded tiny gpt-oss model)")
     p.add_argument("--dataset", action="append", metavar="ID_OR_FILE",
                    help="Hub id, local .jsonl/.json/.csv/.parquet, or 'sample'; repeat to mix")
@@ -202,7 +204,7 @@ def unreadable(error: OSError, path) -> ConfigError:
 
 def resolve_flags(args: argparse.Namespace) -> list[str]:
     """The named flags as group.key=value overrides."""
-    flags = []
+    flags = from_run_flags(args.from_run) if getattr(args, "from_run", None) else []
     if args.model:
         flags.append(f"model.name={args.model}")
     if getattr(args, "tokenizer", None):
@@ -214,6 +216,16 @@ def resolve_flags(args: argparse.Namespace) -> list[str]:
     if getattr(args, "overwrite", False):
         flags.append("output.overwrite=true")
     return flags
+
+
+def from_run_flags(run: str) -> list[str]:
+    """--from-run RUN as overrides: the run's model and tokenizer, and its adapter to start from (flags
+    and overrides given after it still win)."""
+    from pathlib import Path
+
+    base = evaluate.run_config(Path(run), [])
+    flags = [f"model.name={quote(base.model.name)}", f"model.adapter={quote(str(Path(run) / 'adapter'))}"]
+    return flags + ([f"model.tokenizer={quote(base.model.tokenizer)}"] if base.model.tokenizer else [])
 
 
 def quote(text: str) -> str:

@@ -1,0 +1,103 @@
+"""lowvram_ft.train.grpo and the grpo config group: settings checked, mapped onto TRL's GRPOConfig,
+prompts rendered as the evaluation renders them. No model is loaded."""
+from __future__ import annotations
+
+import pytest
+
+from lowvram_ft.config import ConfigError, load_config
+from lowvram_ft.conversation import Conversation, Message
+from lowvram_ft.data import DataError, Example
+from lowvram_ft.device import Device
+from lowvram_ft.evaluate.run import Case, case_conversation
+from lowvram_ft.harmony import HarmonyOptions, render_prompt
+from lowvram_ft.train import grpo
+
+CPU = Device("cpu", "cpu", None, True, "test")
+GPU = Device("cuda", "GPU", 16.0, True, "test", 8.9)
+
+
+def problems(*overrides: str) -> list[str]:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.method=grpo", *overrides])
+    return error.value.problems
+
+
+def test_sft_is_the_default_and_grpo_has_documented_defaults():
+    cfg = load_config(None, [])
+    assert cfg.train.method == "sft"
+    assert (cfg.grpo.num_generations, cfg.grpo.beta, cfg.grpo.rewards) == (4, 0.0, ["language", "format"])
+
+
+def test_group_size_must_divide_the_completions_per_step():
+    assert problems("grpo.num_generations=3") == [
+        "grpo.num_generations: 3 does not divide train.batch_size x gradient_accumulation_steps = 4 completions "
+        "per step — make the batch a multiple of it"]
+    load_config(None, ["train.method=grpo", "grpo.num_generations=2"])  # 4 = 2 x 2
+    load_config(None, ["grpo.num_generations=3"])  # only checked for GRPO
+
+
+def test_full_finetuning_of_a_4bit_model_is_refused_for_grpo():
+    found = problems("model.full_finetuning=true", "model.name=unsloth/gpt-oss-20b-unsloth-bnb-4bit")
+    assert len(found) == 1 and found[0].startswith("train.method=grpo: full fine-tuning of a 4-bit model")
+
+
+def test_reward_weights_one_per_reward():
+    assert problems("grpo.reward_weights=[1.0]")[0].startswith("grpo.reward_weights: 1 weights for 2 rewards")
+
+
+def test_check_names_rewards_languages_and_a_missing_adapter(tmp_path):
+    cfg = load_config(None, ["train.method=grpo", "grpo.rewards=[language, nosuch]", "grpo.languages=[Klingon]",
+                             f"model.adapter={tmp_path}"])
+    with pytest.raises(ConfigError) as error:
+        grpo.check(cfg)
+    assert [p.split(":")[0] for p in error.value.problems] == ["grpo.rewards", "grpo.languages", "model.adapter"]
+    grpo.check(load_config(None, ["train.method=grpo"]))  # the defaults pass
+
+
+def test_grpo_config_kwargs_on_cpu_and_gpu():
+    cfg = load_config(None, ["train.method=grpo", "grpo.num_generations=2", "grpo.max_completion_length=64",
+                             "grpo.beta=0.04", "grpo.reward_weights=[1.0, 0.5]", "train.max_steps=3"])
+    cpu = grpo.grpo_config_kwargs(cfg, CPU, "/run/checkpoints")
+    assert (cpu["use_cpu"], cpu["bf16"], cpu["fp16"]) == (True, False, False)
+    assert (cpu["num_generations"], cpu["max_completion_length"], cpu["beta"]) == (2, 64, 0.04)
+    assert cpu["reward_weights"] == [1.0, 0.5] and cpu["max_steps"] == 3
+    assert cpu["learning_rate"] == grpo.DEFAULT_LEARNING_RATE and cpu["router_aux_loss_coef"] == 0.0
+    assert "max_prompt_length" not in cpu  # gone in TRL 1.15
+    gpu = grpo.grpo_config_kwargs(cfg, GPU, "/run/checkpoints")
+    assert (gpu["use_cpu"], gpu["bf16"], gpu["optim"]) == (False, True, "adamw_8bit")
+
+
+def test_grpo_config_accepts_the_kwargs():
+    from trl import GRPOConfig
+
+    cfg = load_config(None, ["train.method=grpo", "grpo.num_generations=2"])
+    args = GRPOConfig(**grpo.grpo_config_kwargs(cfg, CPU, "/tmp/unused-checkpoints"))
+    assert (args.num_generations, args.beta, args.use_cpu) == (2, 0.0, True)
+
+
+class HarmonyTokenizer:
+    def get_vocab(self):
+        return {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3}
+
+
+def example(conv, row: int) -> Example:
+    return Example(conv, f"data.jsonl:{row}", "data.jsonl", "messages")
+
+
+def test_prompts_are_rendered_as_the_evaluation_renders_them():
+    conv = Conversation((Message("user", "What is 2+2?"), Message("assistant", "4", "2+2=4")), reasoning_language="French")
+    cfg = load_config(None, ["train.method=grpo", "grpo.languages=[Japanese, Korean]"])
+    rows = grpo.prompt_rows([example(conv, 1), example(conv, 2)], HarmonyTokenizer(), cfg)
+    options = HarmonyOptions(reasoning_effort=cfg.data.reasoning_effort, date=cfg.data.date)
+    expected = render_prompt(case_conversation(Case("p", "math", "What is 2+2?", "Japanese", 0)), options)
+    assert rows[0]["prompt"] == expected  # the assistant turn is ignored; the language assigned in turn
+    assert [r["target_language"] for r in rows] == ["ja", "ko"]
+    own = grpo.prompt_rows([example(conv, 1)], HarmonyTokenizer(), load_config(None, ["grpo.languages=[]"]))
+    assert own[0]["target_language"] == "fr"  # no grpo.languages: the row's own
+
+
+def test_rows_without_a_user_turn_are_named():
+    conv = Conversation((Message("assistant", "4", "2+2=4"),))
+    with pytest.raises(DataError) as error:
+        grpo.prompt_rows([example(conv, 7)], HarmonyTokenizer(), load_config(None, ["train.method=grpo"]))
+    assert str(error.value).startswith("data.jsonl:7:messages: no user turn")
