@@ -118,7 +118,8 @@ def prompt_rows(examples, tokenizer, cfg: Config) -> list[dict]:
             continue
         kept = tuple(m for m in conv.messages if m.role in ("system", "developer")) + (users[-1],)
         prompt = Conversation(kept, reasoning_language=target, reasoning_effort=conv.reasoning_effort)
-        rows.append({"prompt": prompt_text(prompt, tokenizer, options), "target_language": code,
+        rows.append({"prompt": prompt_text(prompt, tokenizer, options), "question": users[-1].content,
+                     "target_language": code,
                      "user_language": identify_text(users[-1].content).dominant or "en", "gold": None,
                      "where": example.where})
     if problems:
@@ -137,7 +138,7 @@ class RewardBook:
         self.path, self.every = path, every
         self.key, self.values = None, []
 
-    def rewards(self, prompts, completion_ids, target_language, user_language, gold, trainer_state=None) -> list[dict]:
+    def rewards(self, completion_ids, target_language, user_language, gold, question, trainer_state=None) -> list[dict]:
         key = (tuple(map(tuple, completion_ids)), tuple(target_language))
         if key != self.key:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids]
@@ -145,16 +146,16 @@ class RewardBook:
                               harmony=self.harmony)
                        for text, ids, target, user, g in zip(texts, completion_ids, target_language, user_language, gold)]
             self.key, self.values = key, [text_rewards(s, self.answer_in) for s in samples]
-            self.record(trainer_state, prompts, samples, self.values)
+            self.record(trainer_state, question, samples, self.values)
         return self.values
 
-    def record(self, state, prompts, samples, values) -> None:
+    def record(self, state, questions, samples, values) -> None:
         step = (state.global_step + 1) if state is not None else 0  # rewards are computed for the coming step
         if self.path is None or (step % self.every and step != 1) or (state is not None and not state.is_world_process_zero):
             return
         with self.path.open("a", encoding="utf-8") as f:
-            for prompt, sample, value in zip(prompts, samples, values):
-                f.write(json.dumps({"step": step, "target_language": sample.target_language, "prompt": prompt[-300:],
+            for question, sample, value in zip(questions, samples, values):
+                f.write(json.dumps({"step": step, "target_language": sample.target_language, "question": question,
                                     "completion": sample.completion, "truncated": sample.truncated, "rewards": value},
                                    ensure_ascii=False) + "\n")
 
@@ -175,8 +176,9 @@ def reward_functions(cfg: Config, book: RewardBook) -> list:
 
 
 def text_reward(name: str, book: RewardBook):
-    def reward(prompts, completions, completion_ids, target_language, user_language, gold, trainer_state=None, **_):
-        return [v[name] for v in book.rewards(prompts, completion_ids, target_language, user_language, gold, trainer_state)]
+    def reward(prompts, completions, completion_ids, target_language, user_language, gold, question,
+               trainer_state=None, **_):
+        return [v[name] for v in book.rewards(completion_ids, target_language, user_language, gold, question, trainer_state)]
 
     reward.__name__ = name
     return reward

@@ -92,6 +92,7 @@ def test_prompts_are_rendered_as_the_evaluation_renders_them():
     expected = render_prompt(case_conversation(Case("p", "math", "What is 2+2?", "Japanese", 0)), options)
     assert rows[0]["prompt"] == expected  # the assistant turn is ignored; the language assigned in turn
     assert [r["target_language"] for r in rows] == ["ja", "ko"]
+    assert rows[0]["question"] == "What is 2+2?" and rows[0]["user_language"] == "en"
     own = grpo.prompt_rows([example(conv, 1)], HarmonyTokenizer(), load_config(None, ["grpo.languages=[]"]))
     assert own[0]["target_language"] == "fr"  # no grpo.languages: the row's own
 
@@ -101,3 +102,28 @@ def test_rows_without_a_user_turn_are_named():
     with pytest.raises(DataError) as error:
         grpo.prompt_rows([example(conv, 7)], HarmonyTokenizer(), load_config(None, ["train.method=grpo"]))
     assert str(error.value).startswith("data.jsonl:7:messages: no user turn")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.rewards=[langauge]", "error: grpo.rewards: unknown reward 'langauge'"),
+    ("grpo.rewards=[no_such_module_x:f]", "error: grpo.rewards: cannot import 'no_such_module_x'"),
+    ("grpo.languages=[Klingon]", "error: grpo.languages: the scorer cannot judge 'Klingon'"),
+    ("grpo.num_generations=3", "error: grpo.num_generations: 3 does not divide"),
+])
+def test_bad_grpo_settings_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, override, message):
+    from lowvram_ft.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--output", str(run_dir), "train.method=grpo", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+    assert not run_dir.exists()
+
+
+def test_dry_run_says_what_grpo_would_do(capsys):
+    from lowvram_ft.cli import main
+
+    assert main(["train", "--dry-run", "train.method=grpo", "grpo.num_generations=2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "would train grpo 2 prompt(s) x 2 completions of <= 256 tokens per step" in out
+    assert "reward 1 x language + 1 x format, beta 0, languages Japanese" in out
