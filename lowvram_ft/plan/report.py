@@ -18,6 +18,7 @@ from .recommendations import (
     min_vram_gib,
     recommend,
 )
+from .transients import grpo_terms_for
 
 # Component name -> its label in the table.
 COMPONENT_LABELS = {
@@ -105,9 +106,17 @@ def run(cfg, vram_gib: float | None = None, compute_capability: float | None = N
             else "a card with bf16 assumed (pass --compute-capability 7.5 for a T4)")
     print(f"precision: {precision.why} ({card})")
     print(format_breakdown(breakdown, vram_gib))
+    if cfg.train.method == "grpo":
+        print(format_grpo_terms(grpo_terms_for(cfg, model_config)))
     if vram_gib is None:
         print(f"  smallest GPU that fits: {min_vram_gib(inp):.2f} GiB ({SAFETY_MARGIN:.0%} kept free)")
         return 0
     print(format_recommendations(recommend(inp, vram_gib), vram_gib))
     print(f"  longest sequence that fits as configured: {max_seq_len_that_fits(inp, vram_gib)} tokens")
     return 0 if breakdown.total_gib <= budget_gib(vram_gib) else 1
+
+
+def format_grpo_terms(terms: dict[str, float]) -> str:
+    lines = ["GRPO, on top of the estimate above and not in the fit below (modelled, uncalibrated):"]
+    lines += [f"  {name:38} {gib:8.2f} GiB" for name, gib in terms.items()]
+    return "\n".join(lines)

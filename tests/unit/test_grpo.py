@@ -127,3 +127,30 @@ def test_dry_run_says_what_grpo_would_do(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "would train grpo 2 prompt(s) x 2 completions of <= 256 tokens per step" in out
     assert "reward 1 x language + 1 x format, beta 0, languages Japanese" in out
+
+
+def test_planner_grpo_terms_for_gpt_oss_20b():
+    import json
+
+    from lowvram_ft.plan.transients import grpo_terms
+
+    config = json.loads((grpo.Path(__file__).parents[2] / "lowvram_ft/assets/model_configs/gpt-oss-20b.json").read_text())
+    terms = grpo_terms(config, completions=4, micro_batch=1, tokens=1024, completion_tokens=1024, beta=0.0,
+                       lora_r=8, lora_targets=("q_proj",))
+    # 24 layers, half of them sliding (window 128): (12 x 1024 + 12 x 128) tokens x 2 (K, V) x 8 heads x 64 x 2 bytes x 4
+    assert terms["generation KV cache"] * 2**30 == (12 * 1024 + 12 * 128) * 2 * 8 * 64 * 2 * 4
+    assert terms["completion log-probabilities (fp32)"] * 2**30 == 1024 * 201088 * 4
+    assert terms["reference adapter (beta > 0)"] == 0.0
+    with_ref = grpo_terms(config, completions=4, micro_batch=1, tokens=1024, completion_tokens=1024, beta=0.04,
+                          lora_r=8, lora_targets=("q_proj",))
+    assert with_ref["reference adapter (beta > 0)"] > 0
+
+
+def test_plan_prints_the_grpo_terms(capsys):
+    from lowvram_ft.cli import main
+
+    assert main(["plan", "--model", "unsloth/gpt-oss-20b", "train.method=grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "GRPO, on top of the estimate above" in out and "generation KV cache" in out
+    assert main(["plan", "--model", "unsloth/gpt-oss-20b"]) == 0
+    assert "GRPO" not in capsys.readouterr().out
