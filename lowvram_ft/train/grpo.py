@@ -120,7 +120,7 @@ def prompt_rows(examples, tokenizer, cfg: Config) -> list[dict]:
         prompt = Conversation(kept, reasoning_language=target, reasoning_effort=conv.reasoning_effort)
         rows.append({"prompt": prompt_text(prompt, tokenizer, options), "question": users[-1].content,
                      "target_language": code,
-                     "user_language": identify_text(users[-1].content).dominant or "en", "gold": None,
+                     "user_language": identify_text(users[-1].content).dominant or "en", "gold": conv.gold,
                      "where": example.where})
     if problems:
         raise DataError([str(p) for p in problems])

@@ -154,3 +154,15 @@ def test_plan_prints_the_grpo_terms(capsys):
     assert "GRPO, on top of the estimate above" in out and "generation KV cache" in out
     assert main(["plan", "--model", "unsloth/gpt-oss-20b"]) == 0
     assert "GRPO" not in capsys.readouterr().out
+
+
+def test_a_gold_column_reaches_the_accuracy_reward():
+    from lowvram_ft.data.rows import parse_row
+
+    row = {"user": "What is 6 x 7?", "final": "42", "analysis": "6 x 7 = 42.", "gold": 42}
+    conv, issues = parse_row(row, "multilingual_thinking")
+    assert not issues and conv.gold == "42"
+    rows = grpo.prompt_rows([example(conv, 1)], HarmonyTokenizer(), load_config(None, ["train.method=grpo"]))
+    assert rows[0]["gold"] == "42"
+    conv, issues = parse_row({**row, "gold": [42]}, "multilingual_thinking")
+    assert conv is None and [i[0] for i in issues] == ["gold"]
