@@ -139,7 +139,8 @@ class RewardBook:
         self.key, self.values = None, []
 
     def rewards(self, completion_ids, target_language, user_language, gold, question, trainer_state=None) -> list[dict]:
-        key = (tuple(map(tuple, completion_ids)), tuple(target_language))
+        step = trainer_state.global_step if trainer_state is not None else None
+        key = (step, tuple(map(tuple, completion_ids)), tuple(target_language))
         if key != self.key:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids]
             samples = [Sample(text, target, user or "en", g, truncated=not ids or ids[-1] not in self.stops,

@@ -166,3 +166,33 @@ def test_a_gold_column_reaches_the_accuracy_reward():
     assert rows[0]["gold"] == "42"
     conv, issues = parse_row({**row, "gold": [42]}, "multilingual_thinking")
     assert conv is None and [i[0] for i in issues] == ["gold"]
+
+
+def test_evidence_table_and_its_drift_rate(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("grpo_evidence", grpo.Path(__file__).parents[2] / "scripts/grpo_evidence.py")
+    evidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evidence)
+    ja = "まず、りんごの数を数えます。太郎さんは三つのりんごを持っています。"
+    en = "Then we add the four apples that Hanako gave him to the total."
+    assert evidence.drifts(ja + en, "ja") is True
+    assert evidence.drifts(ja, "ja") is False
+    assert evidence.drifts(en + ja, "ja") is False  # started in English: wrong from the start, not a drift
+    assert evidence.drifts("はい。", "ja") is None
+    base = {"phase": "after", "scorable": True, "parsed_ok": True, "truncated": False, "new_tokens": 100,
+            "answer_match": True}
+    samples = [{**base, "target_language": "ja", "analysis": ja + en, "think_share": 0.67, "think_match": True},
+               {**base, "target_language": "ja", "analysis": ja, "think_share": 1.0, "think_match": True},
+               {**base, "target_language": "fr", "analysis": en, "think_share": 0.0, "think_match": False}]
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["grpo_evidence.py", str(run)])
+    evidence.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| sft | RL target ja | 0.83 | 1/2 50% (9%–91%) | 2/2 100%") and "| 1/2 50%" in lines[2]
+    assert lines[3].startswith("| sft | never in RL zh/ko | n/a |")
+    assert lines[4].startswith("| sft | SFT languages | 0.00 | 0/1 0%")
