@@ -6,8 +6,9 @@ STAMP   := $(VENV)/.installed-$(shell sha1sum requirements.lock | cut -c1-12)
 PIPQ    := --disable-pip-version-check -q
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+comma   := ,
 
-.PHONY: venv demo test test-fast smoke bench lock clean gpu-kit gpu-check browser
+.PHONY: venv demo demo-rl test test-fast smoke bench lock clean gpu-kit gpu-check browser
 
 venv: $(STAMP)
 
@@ -30,6 +31,16 @@ DEMO_CONFIG = configs/$(if $(filter smollm2,$(MODEL)),smollm2,embedded$(if $(MOD
 demo: venv
 	$(BIN)/python -m lowvram_ft train --config $(DEMO_CONFIG) --output runs/demo$(if $(MODEL),-$(MODEL)) --overwrite
 	@test -f runs/demo$(if $(MODEL),-$(MODEL))/report.html && echo "report: runs/demo$(if $(MODEL),-$(MODEL))/report.html"
+
+# GRPO after the demo (configs/embedded-grpo.yaml, docs/grpo.md): runs `make demo` first when runs/demo has no
+# adapter, then trains on with the language reward into runs/demo-rl. REWARDS=format is the format-only
+# control (runs/demo-rl-format); the evaluation compares each with the same prompts and seeds as runs/demo.
+REWARDS ?=
+demo-rl: venv
+	@test -f runs/demo/adapter/adapter_config.json || $(MAKE) demo
+	$(BIN)/python -m lowvram_ft train --config configs/embedded-grpo.yaml \
+		--output runs/demo-rl$(if $(REWARDS),-$(subst $(comma),-,$(REWARDS))) --overwrite \
+		$(if $(REWARDS),'grpo.rewards=[$(REWARDS)]')
 
 test: venv browser
 	$(BIN)/python -m pytest -q

@@ -14,7 +14,7 @@ from .config import ConfigError, default_dataset, describe_fields, family_recipe
 from .errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY as EXIT_OOM, UserError, is_out_of_memory
 from . import chat, data, evaluate, export, folders, plan
 from .plan import inputs as plan_inputs
-from .evaluate import report, scoring
+from .evaluate import report, rewards, scoring
 from . import bench, report as run_report
 from .bench.cli import add_bench_arguments
 from .train import pipeline
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output from its newest complete checkpoint, with its saved config")
     train.add_argument("--force", action="store_true", help="train even when the planner predicts it will not fit")
     train.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning")
+    train.add_argument("--from-run", metavar="RUN", help="start from a finished run's model and adapter "
+                       "(e.g. train.method=grpo after SFT): sets model.name, model.tokenizer and model.adapter=RUN/adapter")
     train.set_defaults(run=run_train)
 
     data = sub.add_parser("data", help="statistics, rendered examples with trained tokens, --check, --export")
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", metavar="FILE.jsonl", help="per-line scores (default: INPUT.scored.jsonl)")
     score.add_argument("--answer-in", choices=("user", "target"), default="user",
                        help="expect the final answer in the user's language (default) or the target language")
+    score.add_argument("--rewards", action="store_true",
+                       help='add a "rewards" object (the GRPO rewards: language, format, answer_language, accuracy) to each line')
     score.set_defaults(run=run_score)
 
     evaluate = sub.add_parser("eval", help="before/after reasoning-language evaluation: base vs tuned, same prompts")
@@ -184,7 +188,7 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (groups: model, lora, data, train, eval, output)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (groups: model, lora, data, train, grpo, eval, output)")
     p.add_argument("--model", help="Hub id or local folder (default: the embedded tiny gpt-oss model)")
     p.add_argument("--dataset", action="append", metavar="ID_OR_FILE",
                    help="Hub id, local .jsonl/.json/.csv/.parquet, or 'sample'; repeat to mix")
@@ -235,7 +239,7 @@ def unreadable(error: OSError, path) -> ConfigError:
 
 def resolve_flags(args: argparse.Namespace) -> list[str]:
     """The named flags as group.key=value overrides."""
-    flags = []
+    flags = from_run_flags(args.from_run) if getattr(args, "from_run", None) else []
     if args.model:
         flags.append(f"model.name={args.model}")
     if getattr(args, "tokenizer", None):
@@ -247,6 +251,16 @@ def resolve_flags(args: argparse.Namespace) -> list[str]:
     if getattr(args, "overwrite", False):
         flags.append("output.overwrite=true")
     return flags
+
+
+def from_run_flags(run: str) -> list[str]:
+    """--from-run RUN as overrides: the run's model and tokenizer, and its adapter to start from (flags
+    and overrides given after it still win)."""
+    from pathlib import Path
+
+    base = evaluate.run_config(Path(run), [])
+    flags = [f"model.name={quote(base.model.name)}", f"model.adapter={quote(str(Path(run) / 'adapter'))}"]
+    return flags + ([f"model.tokenizer={quote(base.model.tokenizer)}"] if base.model.tokenizer else [])
 
 
 def quote(text: str) -> str:
@@ -294,7 +308,8 @@ def run_data(args) -> int:
 
 def run_score(args) -> int:
     output = args.output or str(args.input).removesuffix(".jsonl") + ".scored.jsonl"
-    rows = scoring.score_file(args.input, output, answer_in=args.answer_in)
+    rows = scoring.score_file(args.input, output, answer_in=args.answer_in,
+                              extra=rewards.line_rewards if args.rewards else None)
     print(report.labels_line(None, None, "completions scored without a run"))
     report.print_language_table(rows, title=f"reasoning language — {args.input}")
     print(f"per-sample scores: {output}")

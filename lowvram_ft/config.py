@@ -74,6 +74,9 @@ class ModelConfig:
         "true = recompute only; false = keep all activations (fastest, most VRAM)."))
     offload_embedding: bool = field(default=False, metadata=doc(
         "Keep the input embedding on the CPU (saves ~1 GiB for gpt-oss's 201k vocabulary; slower)."))
+    adapter: str | None = field(default=None, metadata=doc(
+        "LoRA adapter folder to start from and keep training (e.g. an SFT run's RUN/adapter; `train --from-run RUN`); "
+        "None = a new adapter."))
     revision: str | None = field(default=None, metadata=doc("Hub revision (branch, tag or commit) of the model."))
     trust_remote_code: bool = field(default=False, metadata=doc("Allow model code from the Hub repository to run."))
 
@@ -129,6 +132,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    method: Literal["sft", "grpo"] = field(default="sft", metadata=doc(
+        "sft = supervised fine-tuning on the rows' answers; grpo = reinforcement learning on the rows' user turns "
+        "with the grpo.rewards (docs/grpo.md): group x completion tokens of generation per step."))
     learning_rate: float = field(default=2e-4, metadata=doc("Peak learning rate.", min=0.0, max=1.0))
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
         default="linear", metadata=doc("Learning-rate schedule after warm-up."))
@@ -156,6 +162,33 @@ class TrainConfig:
         "On a GPU the estimate says is too small: auto = apply the changes that keep the trained model the same "
         "(embedding offload, checkpointing, smaller micro-batches at the same effective batch) and say each; "
         "warn = only warn; off = no check. An unmeasured estimate never stops a run."))
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    num_generations: int = field(default=4, metadata=doc(
+        "Completions sampled per prompt (the group G): train.batch_size x gradient_accumulation_steps must be a "
+        "multiple; generation memory and time grow linearly with it.", min=2))
+    max_completion_length: int = field(default=256, metadata=doc(
+        "Generation limit per completion in tokens; cut-off completions earn no language or format reward. "
+        "KV cache and logits grow linearly with it.", min=8))
+    temperature: float = field(default=1.0, metadata=doc("Sampling temperature of the rollouts.", min=0.01))
+    beta: float = field(default=0.0, metadata=doc(
+        "KL weight towards the starting policy (the SFT adapter, or the base model); > 0 keeps a reference copy of "
+        "the adapter and adds one forward pass per step; 0 = no reference (TRL's default).", min=0.0))
+    rewards: list[str] = field(default_factory=lambda: ["language", "format"], metadata=doc(
+        "Rewards summed into the advantage: language, format, answer_language, accuracy, repetition, or "
+        "module:function of your own with TRL's reward signature."))
+    reward_weights: list[float] = field(default_factory=list, metadata=doc(
+        "One weight per reward (e.g. [1.0, 0.5]); empty = 1.0 each."))
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata=doc(
+        "Divide advantages by the group's reward std (group), the batch's (batch) or nothing (none: steadier "
+        "once the language reward nears 1)."))
+    languages: list[str] = field(default_factory=lambda: ["Japanese"], metadata=doc(
+        "Target reasoning languages, given to the prompts in turn (a row's own language is then ignored); "
+        "empty = each row's own. Keep some languages out of RL to measure transfer."))
+    learning_rate: float | None = field(default=None, metadata=doc(
+        "Learning rate for GRPO; None = 5e-5 (train.learning_rate is SFT's, ~4x larger).", min=0.0, max=1.0))
 
 
 @dataclass(frozen=True)
@@ -189,6 +222,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -445,10 +479,33 @@ def cross_check(config: Config) -> list[str]:
     if config.model.full_finetuning and config.model.load_in in ("4bit", "8bit"):
         problems.append(f"model.full_finetuning: cannot train quantized weights (model.load_in={config.model.load_in}) — "
                         "use model.load_in=16bit or LoRA")
+    problems += grpo_problems(config)
     trackers = {"tensorboard", "mlflow", "wandb", "none"}
     bad = [t for t in config.output.report_to if t not in trackers]
     if bad:
         problems.append(f"output.report_to: unknown tracker {', '.join(bad)} — accepted: {', '.join(sorted(trackers))}")
+    return problems
+
+
+def grpo_problems(config: Config) -> list[str]:
+    """Problems of train.method=grpo that involve several keys (the reward names, languages and
+    module:function rewards are checked by evaluate.rewards.check_rewards, which knows them)."""
+    g, t = config.grpo, config.train
+    if t.method != "grpo":
+        return []
+    problems = []
+    batch = t.batch_size * t.gradient_accumulation_steps
+    if batch % g.num_generations:
+        problems.append(f"grpo.num_generations: {g.num_generations} does not divide train.batch_size x "
+                        f"gradient_accumulation_steps = {batch} completions per step — make the batch a multiple of it")
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        problems.append(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards)} rewards — give one per reward")
+    quantized = config.model.load_in == "4bit" or "4bit" in config.model.name.lower()
+    if config.model.full_finetuning and quantized:
+        problems.append("train.method=grpo: full fine-tuning of a 4-bit model cannot be trained nor serve as its own "
+                        "reference — use LoRA (model.full_finetuning=false) or a 16-bit model")
+    if config.model.full_finetuning and config.model.adapter:
+        problems.append("model.adapter: full fine-tuning does not train an adapter — drop one of the two")
     return problems
 
 

@@ -28,12 +28,14 @@ class Conversation:
     `messages` holds the instruction text (system/developer roles: both become Harmony's developer
     message for gpt-oss), user turns and assistant turns. `reasoning_language` becomes the
     `reasoning language: X` line of the developer message; `reasoning_effort` overrides the
-    configured default for this row.
+    configured default for this row. `gold` is the expected answer when the row has a `gold` column
+    (GRPO's accuracy reward); it is never rendered.
     """
 
     messages: tuple[Message, ...]
     reasoning_language: str | None = None
     reasoning_effort: str | None = None
+    gold: str | None = None
 
     def instructions(self) -> str:
         """The system/developer text, joined; '' when there is none."""

@@ -243,6 +243,8 @@ def add_lora(model, cfg: Config):
     unsloth = import_unsloth()
     if cfg.model.full_finetuning:
         return model
+    if cfg.model.adapter:
+        return attach_trainable_adapter(model, cfg.model.adapter)
     lora = cfg.lora
     kwargs = {}
     experts = expert_target_parameters(model, lora.target_modules)
@@ -266,6 +268,18 @@ def add_lora(model, cfg: Config):
         max_seq_length=cfg.model.max_seq_length,
         **kwargs,
     )
+
+
+def attach_trainable_adapter(model, adapter: str):
+    """A saved LoRA adapter (model.adapter, e.g. an SFT run's RUN/adapter) on the model, trainable: the
+    run goes on from it instead of from a new adapter; its own rank and targets apply (lora.* do not)."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"model.adapter: {adapter}: no adapter_config.json — pass a run's adapter folder (RUN/adapter) "
+                         "or --from-run RUN")
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True)
 
 
 def ties_trained_embeddings(model, modules_to_save: list[str]) -> bool:

@@ -307,10 +307,22 @@ def finish_conversation(row: dict, messages: list[Message], issues: Issues) -> C
     messages, from_line = extract_language_line(messages)
     column = text_field(row, "reasoning_language", issues, "", required=False)
     effort = read_effort(row, issues)
+    gold = read_gold(row, issues)
     if issues:
         return None
     language = (column.strip() if column and column.strip() else None) or from_line
-    return Conversation(tuple(messages), reasoning_language=language, reasoning_effort=effort)
+    return Conversation(tuple(messages), reasoning_language=language, reasoning_effort=effort, gold=gold)
+
+
+def read_gold(row: dict, issues: Issues) -> str | None:
+    """The optional gold answer column (text or a number; empty or absent = None), for GRPO's accuracy."""
+    value = row.get("gold")
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        issues.add("gold", f"gold answer is {type_name(value)}", "give it as text or a number", "bad value")
+        return None
+    return str(value).strip() or None
 
 
 def read_effort(row: dict, issues: Issues) -> str | None:

@@ -11,7 +11,7 @@ from ..data import chat_messages, no_chat_template, reasoning_inline, render_cha
 from ..errors import UserError
 from ..harmony import HarmonyOptions, render_prompt
 from ..model import import_unsloth, input_device
-from .scoring import Parsed, parse_completion
+from .scoring import parse_completion, parse_think
 
 GENERATION_BATCH = 16  # prompts per generate() call: bounded so eager-attention generation stays small
 
@@ -90,15 +90,7 @@ def parse_output(text: str, stopped: bool, harmony: bool):
     model ended its turn there without an answer; one without tags is an answer without reasoning."""
     if harmony:
         return parse_completion(text, stopped=not stopped)
-    body = text
-    for tail in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
-        body = body.replace(tail, "")
-    if "</think>" in body:
-        analysis, _, final = body.partition("</think>")
-        return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
-    if body.lstrip().startswith("<think>"):
-        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
-    return Parsed(None, body.strip(), True, not stopped)
+    return parse_think(text, stopped)
 
 
 def attach_adapter(model, adapter: str):

@@ -41,7 +41,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import UserError
 from ..io import write_jsonl
@@ -117,6 +117,22 @@ def parse_completion(text: str, stopped: bool | None = None) -> Parsed:
         messages.append((channel, content))  # cut off mid-message: keep what was written
     truncated = bool(stopped) or open_tail
     return _collect(messages, parsed_ok=header_seen, truncated=truncated)
+
+
+def parse_think(text: str, stopped: bool) -> Parsed:
+    """Split a `<think>reasoning</think>answer` completion (Qwen3, DeepSeek-R1; the opening tag may sit
+    in the prompt). `stopped`: the model ended its turn (False = the token limit cut it). A completion
+    still inside <think> is truncated when cut, unparsed when the model ended its turn there without an
+    answer; one without tags is an answer without reasoning."""
+    body = text
+    for tail in ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>"):
+        body = body.replace(tail, "")
+    if "</think>" in body:
+        analysis, _, final = body.partition("</think>")
+        return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
+    if body.lstrip().startswith("<think>"):
+        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
+    return Parsed(None, body.strip(), True, not stopped)
 
 
 def _parse_bare(text: str, stopped: bool | None) -> Parsed:
@@ -245,7 +261,7 @@ _SCRIPT_RANGES = (
     ("devanagari", ((0x0900, 0x097F),)),
     ("thai", ((0x0E00, 0x0E7F),)),
 )
-_CJK_SCRIPTS = ("kana", "han", "hangul")
+CJK_SCRIPTS = ("kana", "han", "hangul")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -267,8 +283,8 @@ def _letter_counts(text: str) -> Counter:
 
 def _dominant_script(counts: Counter) -> tuple[str, int]:
     """(script, letters) of the dominant script, CJK pooled and weighted; ('', 0) without letters."""
-    cjk = sum(counts[s] for s in _CJK_SCRIPTS)
-    weights = {s: n for s, n in counts.items() if s not in _CJK_SCRIPTS}
+    cjk = sum(counts[s] for s in CJK_SCRIPTS)
+    weights = {s: n for s, n in counts.items() if s not in CJK_SCRIPTS}
     if cjk:
         weights["cjk"] = cjk * CJK_WEIGHT
     if not weights:
@@ -356,7 +372,7 @@ def identify_text(text: str | None) -> TextLanguage:
             unjudged += 1
             continue
         counts[language] += 1
-        letters[language] += sum(CJK_WEIGHT if _script(c) in _CJK_SCRIPTS else 1 for c in sentence if c.isalpha())
+        letters[language] += sum(CJK_WEIGHT if _script(c) in CJK_SCRIPTS else 1 for c in sentence if c.isalpha())
     judged = sum(counts.values())
     if not judged:
         return TextLanguage(dominant=None, unjudged=unjudged)
@@ -369,6 +385,13 @@ def identify_text(text: str | None) -> TextLanguage:
         judged=judged,
         unjudged=unjudged,
     )
+
+
+def script_letters(text: str) -> Counter:
+    """Letters of `text` per script ('latin', 'kana', 'han', 'hangul', 'cyrillic', …) as written: no
+    cleaning, no weighting (CJK_SCRIPTS names the scripts CJK_WEIGHT applies to)."""
+    return Counter(_script(ch) for ch in text if ch.isalpha())
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +455,8 @@ class ScoreInputError(UserError, ValueError):
 
 
 def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, answer_in: str = "user",
-               trained: Sequence[str] | None = None, zero_shot: Sequence[str] | None = None) -> list[dict]:
+               trained: Sequence[str] | None = None, zero_shot: Sequence[str] | None = None,
+               extra: Callable[[dict, str], dict] | None = None) -> list[dict]:
     """Score every line of a completions.jsonl and write one JSON line per input line (its fields
     plus the scores of `score_sample`; language fields become codes) to `output_path`, atomically.
     A line gives `target_language` and either `completion` (raw Harmony text; it wins when both are
@@ -441,7 +465,8 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
     (completions come without a run, so by default which languages were trained is unknown and there
     are none). Every line is checked before anything is written; the first bad one raises
     ScoreInputError (the count of further bad lines is on the same line), as does an output that is
-    the input file itself (it would be rewritten)."""
+    the input file itself (it would be rewritten). `extra(line, answer_in)` adds fields to each output
+    line (`score --rewards`: rewards.line_rewards)."""
     if answer_in not in ANSWER_IN:
         raise ValueError(f"answer_in must be one of {ANSWER_IN}, got {answer_in!r}")
     input_path, output_path = Path(input_path), Path(output_path)
@@ -465,7 +490,7 @@ def score_file(input_path: str | os.PathLike, output_path: str | os.PathLike, an
         raise ScoreInputError(errors[0] + more)
     if not records:
         raise ScoreInputError(f"{input_path}:1: no completions in the file — generate completions first")
-    scored = [{**row, **_score_record(row, answer_in)} for row in records]
+    scored = [{**row, **_score_record(row, answer_in), **(extra(row, answer_in) if extra else {})} for row in records]
     write_jsonl(output_path, scored)
     return aggregate(scored, trained=trained, zero_shot=zero_shot)
 

@@ -26,6 +26,7 @@ from .recommendations import (
     min_vram_gib,
     recommend,
 )
+from .transients import grpo_terms_for
 
 # Component name -> its label in the table.
 COMPONENT_LABELS = {
@@ -201,9 +202,17 @@ def run(cfg, vram_gib: float | None = None, compute_capability: float | None = N
     print(format_breakdown(breakdown, vram_gib))
     if max_context:
         print(format_max_context(inp, cfg.model.name))
+    if cfg.train.method == "grpo":
+        print(format_grpo_terms(grpo_terms_for(cfg, model_config)))
     if vram_gib is None:
         print(f"  smallest GPU that fits: {min_vram_gib(inp):.2f} GiB ({SAFETY_MARGIN:.0%} kept free)")
         return status
     print(format_recommendations(recommend(inp, vram_gib), vram_gib))
     print(f"  longest sequence that fits as configured: {max_seq_len_that_fits(inp, vram_gib)} tokens")
     return status
+
+
+def format_grpo_terms(terms: dict[str, float]) -> str:
+    lines = ["GRPO, on top of the estimate above and not in the fit below (modelled, uncalibrated):"]
+    lines += [f"  {name:38} {gib:8.2f} GiB" for name, gib in terms.items()]
+    return "\n".join(lines)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 
 from ..io import GIB
-from .inputs import DTYPE_BYTES, FP32, INT64, PlanInput
-from .shapes import ModelShape, linear_groups, lora_groups
+from typing import Mapping
+
+from .inputs import DTYPE_BYTES, FP32, INT64, LORA_MODULE_NAMES, LORA_TARGET_PRESETS, PlanInput
+from .shapes import ModelShape, linear_groups, lora_groups, lora_parameters, model_shape
 
 # --- Activations (bytes saved for backward, per token, per decoder layer) ------------------------
 # Unsloth's LoRA MLP saves the gate and up projections and recomputes SwiGLU in backward (code:
@@ -233,3 +235,33 @@ def generation_bytes(inp: PlanInput, shape: ModelShape) -> dict[str, float]:
         # scores, sinks concatenated and the fp32 softmax, one layer at a time
         prefill += rows * shape.q_heads * tokens * (tokens + 1) * (2 * dt + FP32)
     return {"kv_cache": kv, "generation": prefill + rows * shape.vocab * FP32}
+
+
+# --- GRPO (train.method=grpo) --------------------------------------------------------------------
+# On top of a training step: the KV cache of generating group x (prompt + completion) tokens, the fp32
+# log-probabilities of the group's completions, and the reference copy of the adapter TRL keeps when
+# grpo.beta > 0 (code: trl grpo_trainer.py, the "ref" adapter). First principles, not yet calibrated.
+
+def grpo_terms(model_config: Mapping, *, completions: int, micro_batch: int, tokens: int, completion_tokens: int,
+               beta: float, lora_r: int, lora_targets, dtype_bytes: int = 2) -> dict[str, float]:
+    """GiB per GRPO term. `completions`: generated together (batch x accumulation); `micro_batch`: scored
+    per forward; `tokens`: prompt + completion per sequence. Sliding-window layers (gpt-oss) keep at
+    most their window of keys and values."""
+    shape = model_shape(model_config)
+    window = model_config.get("sliding_window") or tokens
+    kinds = model_config.get("layer_types") or ["full_attention"] * shape.layers
+    cached = sum(min(tokens, window) if kind == "sliding_attention" else tokens for kind in kinds)
+    kv = 2 * shape.kv_heads * shape.head_dim * dtype_bytes * completions * cached
+    logits = micro_batch * completion_tokens * shape.vocab * FP32
+    reference = lora_parameters(shape, lora_targets, lora_r) * dtype_bytes if beta > 0 else 0
+    return {"generation KV cache": kv / GIB, "completion log-probabilities (fp32)": logits / GIB,
+            "reference adapter (beta > 0)": reference / GIB}
+
+
+def grpo_terms_for(cfg, model_config: Mapping) -> dict[str, float]:
+    """grpo_terms of a resolved lowvram_ft Config (prompt + completion bounded by model.max_seq_length)."""
+    g, t = cfg.grpo, cfg.train
+    targets = tuple(x for x in cfg.lora.target_modules if x in LORA_MODULE_NAMES) or LORA_TARGET_PRESETS["attention"]
+    return grpo_terms(model_config, completions=t.batch_size * t.gradient_accumulation_steps, micro_batch=t.batch_size,
+                      tokens=cfg.model.max_seq_length, completion_tokens=g.max_completion_length, beta=g.beta,
+                      lora_r=cfg.lora.r, lora_targets=targets)

@@ -31,12 +31,12 @@ from ..plan import decide_fit
 from ..report import report_after_run
 from ..terminal import log
 from ..testing.faults import fault_callbacks
-from . import checkpoints, run_state
+from . import checkpoints, grpo, run_state
 from .checkpoints import describe_unfinished, resume_point
 from .distributed import as_prepared, max_over_processes, processes, shared_run_dir
 from .run_state import adapter_bytes, check_free_space
-from .trainer import (build_trainer, check_trackers, compute_dtype, fit, make_progress_callback, optimizer_name,
-                      packing_decision, point_trackers_at)
+from .trainer import (Prepared, build_trainer, check_trackers, compute_dtype, fit, make_progress_callback,
+                      optimizer_name, packing_decision, point_trackers_at)
 
 
 class RunDirError(UserError, RuntimeError):
@@ -48,6 +48,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, console=Non
     returns the run folder. Ctrl-C / SIGTERM stop after the current step with a checkpoint
     (run_state.Interrupted); out of memory becomes advice (run_state.OutOfMemory); a new run that
     fails before its first checkpoint leaves no folder behind."""
+    grpo.check(cfg)  # the method's settings, before anything is loaded or written
     run = run_state.RunState(cfg)
     run.install_signal_handlers()
     try:
@@ -91,6 +92,8 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     resume_from = checkpoints.resume_point(run_dir) if resume else None
     history = (checkpoints.rewind_metrics(run_dir / "metrics.jsonl", resume_from.step)
                if resume_from and procs.main else [])
+    if resume_from and procs.main:  # GRPO's completions log, likewise (a no-op for SFT)
+        checkpoints.rewind_metrics(run_dir / grpo.COMPLETIONS_FILE, resume_from.step)
     if resume_from:
         log(console, "resume", describe_resume(run_dir, resume_from))
     data = load_data(cfg)  # before the model: bad data fails in seconds, not after a long load
@@ -116,17 +119,15 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     log(console, "lora", format_counts(counts))
     run_state.check_run_space(run, model, optimizer_name(cfg, device))
 
-    tokenized = tokenize_data(data.train, tokenizer, cfg)
-    log(console, "data", format_data_stats(data.stats, tokenized.stats))
-    packing, packing_why = packing_decision(cfg, device, getattr(model.config, "model_type", ""))
-    if cfg.data.packing:
-        log(console, "data", f"packing {packing_why}")
+    # The training method is chosen here, once: its training data and its Trainer (GRPO: train/grpo.py).
+    method = grpo.prepare if cfg.train.method == "grpo" else prepare_sft
+    prepared = method(model, tokenizer, data.train, cfg, device, console)
+    log(console, "data", format_data_stats(data.stats, prepared.stats))
 
     reset_peaks(gpu, monitor)  # the training phase's peaks start here (as in the bench)
     progress = make_progress_callback(run_dir, device, console, history=history, monitor=monitor)
     point_trackers_at(run_dir, cfg.output.report_to)
-    trainer = build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir,
-                            [*faults, progress, run_state.make_run_callback(run)], packing=packing)
+    trainer = prepared.build_trainer(run_dir, [*faults, progress, run_state.make_run_callback(run)])
     kind = trainer.accelerator.distributed_type.name  # as the processes really run (FSDP on CPUs: MULTI_CPU)
     if procs.sharded and not as_prepared(procs, kind).sharded:
         log(console, "processes", f"sharding asked for, but accelerate runs the {procs.world_size} processes as "
@@ -150,11 +151,12 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     adapter_dir = (publish_sharded_adapter(tokenizer, run_dir) if procs.sharded
                    else save_adapter(model, tokenizer, run_dir))
     log(console, "save", f"adapter and tokenizer in {adapter_dir}")
-    summary = build_summary(cfg, device, trained, counts, data.stats, tokenized.stats, peak,
+    summary = build_summary(cfg, device, trained, counts, data.stats, prepared.stats, peak,
                             time.perf_counter() - started)
     summary["processes"] = procs.world_size
     summary["memory"] = {"load": load_memory, "train": train_memory}  # memory.py: one meaning everywhere
-    summary["packing"] = {"requested": cfg.data.packing, "used": packing, "why": packing_why}
+    summary["packing"] = {"requested": cfg.data.packing, "used": prepared.packing, "why": prepared.packing_why}
+    summary["method"] = cfg.train.method
     summary["plan"] = planned  # the planner's estimate before loading (GPU), beside the measured peak
     summary["dtype"] = str(model.dtype).removeprefix("torch.")  # the weights' dtype, and the compute dtype:
     summary["compute_dtype"] = compute_dtype(cfg, device, summary["dtype"])  # reloads compare within their precision
@@ -172,6 +174,19 @@ def run_training(cfg: Config, run, *, force: bool, resume: bool, console=None) -
     report_after_run(run_dir, console)  # a page of the run; failing to write it never fails the run
     log(console, "done", f"results in {run_dir}")
     return run_dir
+
+
+def prepare_sft(model, tokenizer, examples, cfg: Config, device, console) -> Prepared:
+    """SFT's training data (tokenized, masked, cached) and how its SFTTrainer is built."""
+    tokenized = tokenize_data(examples, tokenizer, cfg)
+    packing, packing_why = packing_decision(cfg, device, getattr(model.config, "model_type", ""))
+    if cfg.data.packing:
+        log(console, "data", f"packing {packing_why}")
+
+    def build(run_dir: Path, callbacks):
+        return build_trainer(model, tokenizer, tokenized.dataset, cfg, device, run_dir, callbacks, packing=packing)
+
+    return Prepared(tokenized.stats, packing, packing_why, build)
 
 
 def evaluate_run(model, tokenizer, cfg: Config, data, run_dir: Path, console) -> None:
@@ -354,15 +369,19 @@ def dry_run(cfg: Config, console=None) -> None:
     from rich.console import Console
 
     console = console or Console(highlight=False)
+    grpo.check(cfg)
     console.print(to_yaml(cfg).rstrip())
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     family = {"embedded": "gpt-oss", "embedded-qwen3": "Qwen3"}.get(cfg.model.name)
     model = (f"embedded tiny {family} (built offline on first use)" if cfg.model.name in EMBEDDED_MODELS
              else cfg.model.name)
     bits = cfg.model.load_in if cfg.model.load_in != "auto" else "4bit on a GPU, 16bit on CPU"
-    console.print(f"\nwould load   model {model} ({'full fine-tuning' if cfg.model.full_finetuning else 'LoRA r=%d' % cfg.lora.r}, weights {bits})")
+    lora = f"adapter {cfg.model.adapter}" if cfg.model.adapter else f"LoRA r={cfg.lora.r}"
+    console.print(f"\nwould load   model {model} ({'full fine-tuning' if cfg.model.full_finetuning else lora}, weights {bits})")
     for source in cfg.data.dataset:
         console.print(f"would read   data  {describe_source(source)}")
+    if cfg.train.method == "grpo":
+        console.print(f"would train  grpo  {grpo.describe_settings(cfg)}")
     console.print(f"would write  run   {run_dir}")
 
 
@@ -389,7 +408,10 @@ def format_counts(c: dict) -> str:
 
 def format_data_stats(rows: dict, tokens: dict) -> str:
     parts = [f"{rows.get('train_rows', '?')} train rows", f"{rows.get('heldout_rows', 0)} held out"]
-    if tokens:
+    if "prompts" in tokens:  # GRPO
+        languages = ", ".join(f"{k} {n}" for k, n in tokens["target_languages"].items())
+        parts.append(f"{tokens['prompts']} prompts, target languages {languages}")
+    elif tokens:
         parts.append(f"tokens/row min {tokens.get('min_tokens')} median {tokens.get('median_tokens')} max {tokens.get('max_tokens')}")
         if tokens.get("trained_share") is not None:
             parts.append(f"trained share {100 * tokens['trained_share']:.1f}%")

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 from ..config import Config
@@ -114,15 +115,29 @@ def build_trainer(model, tokenizer, train_dataset, cfg: Config, device: Device, 
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    # Our progress line replaces the Trainer's printed log dicts (one line per logging step).
+    return with_our_callbacks(trainer, callbacks)
+
+
+def with_our_callbacks(trainer, callbacks):
+    """The trainer with our progress line instead of its printed log dicts, and our callbacks before its
+    own: the progress callback adds tokens/s and peak memory to the logs that the tracker callbacks
+    (TensorBoard, MLflow, W&B) then record."""
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    # Ours before the Trainer's own: the progress callback adds tokens/s and peak memory to the logs
-    # that the tracker callbacks (TensorBoard, MLflow, W&B) then record.
     handler = trainer.callback_handler
     handler.callbacks = [*callbacks, *(c for c in handler.callbacks if all(c is not ours for ours in callbacks))]
     return trainer
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A training method's data, ready: its statistics (for the log and summary), whether rows are
+    packed and why, and `build_trainer(run_dir, callbacks)` -> the method's Trainer."""
+    stats: dict
+    packing: bool
+    packing_why: str
+    build_trainer: Callable
 
 
 @dataclass(frozen=True)
@@ -236,6 +251,7 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
                 "tokens_per_s": round(tokens_per_s, 1),
                 "elapsed_s": round(self.earlier_s + elapsed, 2),
             }
+            record.update(reward_columns(logs))  # GRPO: reward, rewards/<name>/mean|std, ...
             figures = peak_figures(device.kind == "cuda", monitor)
             record.update(peak_memory_gib=round(headline_gib(figures, device.kind == "cuda"), 3), **figures)
             # The trackers' callbacks run after this one and record these too.
@@ -246,12 +262,32 @@ def make_progress_callback(run_dir: Path, device: Device, console, history: list
                 f.write(json.dumps(record) + "\n")
             console.print(
                 f"step {record['step']:>4}/{record['max_steps']}  loss {record['loss']:.4f}  "
-                f"lr {record['learning_rate']:.2e}  {record['tokens_per_s']:>8.0f} tok/s  "
+                f"lr {record['learning_rate']:.2e}  {format_rewards(record)}{record['tokens_per_s']:>8.0f} tok/s  "
                 f"{memory_label} {record['peak_memory_gib']:.2f} GiB  ETA {format_seconds(eta)}",
                 highlight=False,
             )
 
     return Progress()
+
+
+REWARD_LOG_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
+                   "completions/clipped_ratio")
+
+
+def reward_columns(logs: dict) -> dict:
+    """The GRPO figures of one Trainer log (TRL's names: reward, rewards/<name>/mean|std, kl, ...),
+    as numbers; empty for SFT."""
+    return {key: round(float(value), 5) for key, value in logs.items()
+            if (key in REWARD_LOG_KEYS or key.startswith("rewards/")) and isinstance(value, (int, float))}
+
+
+def format_rewards(record: dict) -> str:
+    """'reward 0.812 (language 0.61 format 1.00)  ' for the step line; '' without rewards."""
+    if "reward" not in record:
+        return ""
+    means = " ".join(f"{key.split('/')[1]} {value:.2f}" for key, value in record.items()
+                     if key.startswith("rewards/") and key.endswith("/mean"))
+    return f"reward {record['reward']:.3f} ({means})  "
 
 
 def format_seconds(seconds: float) -> str:
