@@ -207,6 +207,9 @@ class EvalConfig:
     answer_in: Literal["user", "target"] = field(default="user", metadata=doc(
         "answer_match expects the final answer in the user's language or in the target reasoning language."))
     perplexity_rows: int = field(default=32, metadata=doc("Held-out rows for the perplexity sanity check.", min=0))
+    batch_size: int = field(default=16, metadata=doc(
+        "Prompts generated together; more = faster evaluation on CPU and small models, more memory for the "
+        "KV cache (gpt-oss generates with eager attention: keep it small on a 16 GB card).", min=1))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from ..harmony import HarmonyOptions, render_prompt
 from ..model import import_unsloth, input_device
 from .scoring import parse_completion, parse_think
 
-GENERATION_BATCH = 16  # prompts per generate() call: bounded so eager-attention generation stays small
 
 
 class PromptError(UserError, RuntimeError):
@@ -53,8 +52,8 @@ def generate(model, tokenizer, prompts: list[str], ev: EvalConfig, seed: int, st
     tokenizer.padding_side = "left"
     device = input_device(model)
     results = []
-    for b in range(0, len(prompts), GENERATION_BATCH):
-        batch = tokenizer(prompts[b:b + GENERATION_BATCH], add_special_tokens=False, padding=True, return_tensors="pt")
+    for b in range(0, len(prompts), ev.batch_size):  # eval.batch_size: bounded, eager-attention KV caches grow fast
+        batch = tokenizer(prompts[b:b + ev.batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
         torch.manual_seed(seed + b)
         with torch.inference_mode():
             out = model.generate(

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .languages import LANGUAGES, normalize_language
+from ..errors import UserError
 from .scoring import (CJK_SCRIPTS, CJK_WEIGHT, Parsed, identify_text, judge_sentences, parse_completion,
                       parse_think, script_letters)
 
@@ -47,8 +48,8 @@ MIN_REASONING_LETTERS = 40    # fewer weighted letters of judgeable prose: too s
 MIN_PROSE_SHARE = 0.5         # less of the reasoning's letters left after removing code/LaTeX: hidden
 
 
-class RewardError(ValueError):
-    """A reward that cannot be built (an unknown name, an unimportable module:function)."""
+class RewardError(UserError, ValueError):
+    """A reward that cannot be built (an unknown name, an unimportable module:function); one line, exit 2."""
 
 
 @dataclass(frozen=True)

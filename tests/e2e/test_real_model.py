@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 CONFIG = str(ROOT / "configs" / "smollm2.yaml")
-# Sized for CI (docs/real-model.md, "The test"): 60 steps of 4 rows; four asked languages the sample data
+# Sized for CI (docs/real-model.md, "The test"): the demo's 60 steps of 4 rows; four asked languages the sample data
 # trains (its reasoning languages), so the base model's share is the comparison.
-CI_SIZE = ["train.max_steps=60", "eval.languages=[French,German,Spanish,Japanese]", "eval.max_new_tokens=128",
+CI_SIZE = ["eval.languages=[French,German,Spanish,Japanese]", "eval.max_new_tokens=128",
            "eval.perplexity_rows=16"]
 # The margin the tuned model must beat the base by, in the share of all requests answered with reasoning in the
 # requested language (think_all_rate): set from measured runs (docs/real-model.md).

@@ -10,14 +10,13 @@ from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
-# Pages other branches add (issue 20: the README links them ahead of the merge); drop once merged.
-ELSEWHERE = {"planner-calibration.md", "real-model.md", "report.md", "grpo.md"}
 
 
 def test_the_readme_is_a_front_page():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 120
-    for command in ("make demo ", "make demo MODEL=qwen3", "make test ", "python -m lowvram_ft train --model unsloth/gpt-oss-20b"):
+    for command in ("make demo ", "make demo MODEL=qwen3", "make demo MODEL=smollm2", "make test ",
+                    "python -m lowvram_ft train --model unsloth/gpt-oss-20b"):
         assert command in text, command
     assert "## Measured so far" in text and "| what | figure | where it comes from |" in text
 
@@ -25,6 +24,6 @@ def test_the_readme_is_a_front_page():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_relative_link_resolves(page):
     for target, _ in LINK.findall(page.read_text(encoding="utf-8")):
-        if target.startswith(("http://", "https://", "mailto:")) or target.split("/")[-1] in ELSEWHERE:
+        if target.startswith(("http://", "https://", "mailto:")):
             continue
         assert (page.parent / target).exists(), f"{page.name}: {target}"

@@ -261,7 +261,7 @@ def test_an_eval_only_folder_gets_a_page(run):
 def test_the_eval_command_ends_with_the_report(tmp_path, monkeypatch, capsys):
     import lowvram_ft.cli as cli
 
-    def fake_run_eval(cfg, adapter, out_dir, smoke=False):  # the evaluation's files, as evaluate.run_eval writes them
+    def fake_run_eval(cfg, adapter, out_dir, smoke=False, run_dir=None):  # the evaluation's files, as evaluate.run_eval writes them
         shutil.copytree(FIXTURE, out_dir, ignore=shutil.ignore_patterns("summary.json", "metrics.jsonl", "config.yaml"))
         return json.loads((FIXTURE / "eval.json").read_text())
 
