@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import folders
 from .config import EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL
 from .harmony import chat_template
 from .terminal import verbose
@@ -124,22 +122,11 @@ def recipe_for(name: str) -> Recipe:
 def embedded_model_dir(name: str = EMBEDDED_MODEL, cache_root: str | Path | None = None) -> Path:
     """The folder holding embedded model `name` and its tokenizer, built on first use (atomically)."""
     recipe = recipe_for(name)
-    root = Path(cache_root or os.environ.get("LOWVRAM_FT_CACHE", Path.home() / ".cache" / "lowvram_ft"))
+    root = Path(cache_root) if cache_root else folders.cache_root()
     target = root / f"embedded-{recipe.family}-{recipe_fingerprint(name)}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".embedded-", dir=root))
-    try:
-        build_embedded(staging, name)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return folders.build_staged(target, lambda staging: build_embedded(staging, name), ".embedded-")
 
 
 def recipe_fingerprint(name: str = EMBEDDED_MODEL) -> str:

@@ -26,8 +26,10 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -276,3 +278,29 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     held = os.fstat(fd)
     return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+# --------------------------------------------------------------------------- the cache of built things
+
+
+def cache_root() -> Path:
+    """Where lowvram_ft keeps what it builds once (embedded and packaged models, tokenized data, bench
+    models): $LOWVRAM_FT_CACHE, else ~/.cache/lowvram_ft."""
+    return Path(os.environ.get("LOWVRAM_FT_CACHE") or Path.home() / ".cache" / "lowvram_ft")
+
+
+def build_staged(target: Path, build: Callable[[Path], None], prefix: str) -> Path:
+    """`build(folder)` into a temporary sibling of `target`, renamed to `target` when complete: a failed
+    or killed build leaves no `target`; when another process finished the same build first, theirs is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -19,12 +19,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import folders
 from .config import PACKAGED_MODEL
 from .errors import UserError
 from .terminal import log
@@ -93,7 +91,7 @@ def gguf_model_dir(path: str | Path, cache_root: str | Path | None = None) -> Pa
 
 
 def cache_dir(cache_root: str | Path | None) -> Path:
-    return Path(cache_root or os.environ.get("LOWVRAM_FT_CACHE", Path.home() / ".cache" / "lowvram_ft"))
+    return Path(cache_root) if cache_root else folders.cache_root()
 
 
 def locate_packaged_file(spec: PackagedModel) -> Path:
@@ -126,19 +124,12 @@ def build_once(source: Path, target: Path, record: dict) -> Path:
 
     log(Console(stderr=True, highlight=False), "model", f"building {record['name']} from {source} into "
         f"{target} (once: dequantizing, about a minute for a small model)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
-    try:
-        record = {**record, **convert_gguf(source, staging), "build": BUILD_VERSION}
-        (staging / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    def build(staging: Path) -> None:
+        built = {**record, **convert_gguf(source, staging), "build": BUILD_VERSION}
+        (staging / MARKER).write_text(json.dumps(built, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return folders.build_staged(target, build, ".gguf-")
 
 
 def gguf_architecture(source: Path) -> str:

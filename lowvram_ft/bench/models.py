@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import folders
 from ..gptoss_checkpoint import build_split_checkpoint
 from ..gptoss_tokenizer import load_gptoss_tokenizer
 from ..model import resolve_model_path
@@ -79,8 +80,7 @@ class ModelStore:
 
 
 def random_models_dir() -> Path:
-    root = Path(os.environ.get("LOWVRAM_FT_CACHE", Path.home() / ".cache" / "lowvram_ft"))
-    return root / "bench-models"
+    return folders.cache_root() / "bench-models"
 
 
 def random_checkpoint_dir(model: str, layout: str) -> Path:

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import folders
 from ..config import Config
 
 CACHE_FORMAT = "1"  # bump when the cached layout changes
@@ -27,7 +28,7 @@ def cache_root(cfg: Config) -> Path:
     """data.cache_dir, else $LOWVRAM_FT_CACHE/data, else ~/.cache/lowvram_ft/data."""
     if cfg.data.cache_dir:
         return Path(os.path.expanduser(cfg.data.cache_dir))
-    return Path(os.environ.get("LOWVRAM_FT_CACHE") or Path.home() / ".cache" / "lowvram_ft") / "data"
+    return folders.cache_root() / "data"
 
 
 def cache_key(records: list[str], tokenizer, settings: dict) -> str:
