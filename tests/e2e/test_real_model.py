@@ -23,9 +23,13 @@ CONFIG = str(ROOT / "configs" / "smollm2.yaml")
 # trains (its reasoning languages), so the base model's share is the comparison.
 CI_SIZE = ["eval.languages=[French,German,Spanish,Japanese]", "eval.max_new_tokens=128",
            "eval.perplexity_rows=16"]
-# The margin the tuned model must beat the base by, in the share of all requests answered with reasoning in the
-# requested language (think_all_rate): set from measured runs (docs/real-model.md).
-MARGIN = 0.3
+# The margin by which the tuned model must beat the base in the share of requests whose reasoning — or, for
+# a model that writes none (the base answers directly), its answer — is in the requested language, cut-off
+# completions included (the 135M model often loops under greedy decoding until the token limit, in the
+# requested language). Measured (docs/real-model.md) on one trained adapter: tuned 39/44 (greedy, 160 tokens) and
+# 40/44 (sampled at temperature 0.7, 192 tokens) on the four languages asked here, base 2/44 both times; the
+# margin is about half the smaller measured difference (0.84).
+MARGIN = 0.4
 
 
 def cli(*args: str, timeout: int = 1200, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -55,16 +59,35 @@ def test_the_real_model_is_what_the_wheel_ships(real_run):
     assert losses[-1] < losses[0], losses
 
 
+def written_in_target(sample: dict) -> bool:
+    """Whether what the model wrote first — its reasoning, or its answer when it wrote no reasoning — is
+    in the requested language, judged by the evaluation's scorer (cut-off text included)."""
+    from lowvram_ft.evaluate.scoring import identify_text
+
+    text = sample["analysis"] if sample["analysis"] else sample["final"]
+    return identify_text(text).dominant == sample["target_language"]
+
+
 def test_tuned_reasons_in_the_requested_language_more_often_than_the_base(real_run):
+    from lowvram_ft.evaluate.statistics import wilson_interval
+
+    samples = read_jsonl(real_run["dir"] / "eval_samples.jsonl")
+    rates = {}
+    for phase in ("before", "after"):
+        asked = [s for s in samples if s["phase"] == phase]
+        hits = sum(written_in_target(s) for s in asked)
+        rates[phase] = (hits / len(asked), wilson_interval(hits, len(asked)))
+    (before, before_ci), (after, after_ci) = rates["before"], rates["after"]
+    assert after >= before + MARGIN, rates
+    assert after_ci[0] > before_ci[1], ("beyond sampling noise", rates)
+    assert all(s["analysis"] is None for s in samples if s["phase"] == "before"), "the base writes no <think> part"
     result = json.loads((real_run["dir"] / "eval.json").read_text())
-    before = {r["group"]: r for r in result["tables"]["before"]}
-    after = {r["group"]: r for r in result["tables"]["after"]}
-    assert after["overall"]["think_all_rate"] >= before["overall"]["think_all_rate"] + MARGIN, (before, after)
-    assert after["overall"]["think_all_ci"][0] > before["overall"]["think_all_ci"][1], "beyond sampling noise"
+    assert result["trained_languages"] and "fr" in result["trained_languages"], result["trained_languages"]
     ppl = result["perplexity"]
     assert ppl["after"] < ppl["before"], ppl
-    samples = [s for s in read_jsonl(real_run["dir"] / "eval_samples.jsonl") if s["phase"] == "after"]
-    assert all("<think>" not in (s["analysis"] or "") + (s["final"] or "") for s in samples), "tags parsed away"
+    tuned = [s for s in samples if s["phase"] == "after"]
+    assert all("<think>" not in (s["analysis"] or "") + (s["final"] or "") for s in tuned if not s["truncated"]), \
+        "tags parsed away"
 
 
 def test_exports_reload_without_unsloth_with_the_trained_logits(real_run):
