@@ -28,22 +28,25 @@ def gguf_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer(gguf_file):
-    """SmolLM2's tokenizer from the GGUF metadata alone (no weights), with the end of turn and padding
-    the conversion sets."""
+def gguf_tokenizer(gguf_file) -> dict:
+    """SmolLM2's tokenizer from the GGUF metadata alone (no weights; about 10 s to convert, so once), with
+    the end of turn and padding the GGUF names, then as the conversion sets them."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    named = {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token}
     set_chat_tokens(tokenizer)
-    return tokenizer
+    return {"named": named, "tokenizer": tokenizer}
 
 
-def test_the_gguf_metadata_names_the_wrong_end_of_turn_and_the_conversion_fixes_it(gguf_file, smollm2_tokenizer):
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(gguf_tokenizer):
+    return gguf_tokenizer["tokenizer"]
+
+
+def test_the_gguf_metadata_names_the_wrong_end_of_turn_and_the_conversion_fixes_it(gguf_tokenizer, smollm2_tokenizer):
     """SmolLM2's GGUF names <|im_start|> as eos and no pad: generation would run past the end of a turn."""
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    assert raw.eos_token == "<|im_start|>" and raw.pad_token is None
+    assert gguf_tokenizer["named"] == {"eos": "<|im_start|>", "pad": None}
     assert smollm2_tokenizer.eos_token == "<|im_end|>" and smollm2_tokenizer.pad_token == "<|endoftext|>"
 
 
