@@ -240,23 +240,12 @@ def evaluation_rows(evaluation: dict) -> dict:
 
 
 def language_groups(evaluation: dict) -> dict[str, str]:
-    """code -> 'trained' / 'zero-shot' (or what eval.json calls it): from a per-language group mapping
-    when eval.json has one, else from its trained_languages / zero_shot_languages lists."""
-    groups: dict[str, str] = {}
-    for key in ("language_groups", "groups"):
-        if isinstance(evaluation.get(key), dict):
-            groups.update({code_of(k): str(v) for k, v in evaluation[key].items()})
-    if isinstance(evaluation.get("languages"), dict):  # {language: {"group": ...}, ...}
-        groups.update({code_of(k): str(v["group"]) for k, v in evaluation["languages"].items()
-                       if isinstance(v, dict) and v.get("group")})
+    """code -> 'trained' / 'zero-shot' / 'unknown': eval.json's `language_groups` (the run's data decides,
+    evaluate/run.py), else the trained_languages / zero_shot_languages lists of older eval.json files."""
+    groups = {code_of(k): str(v) for k, v in (evaluation.get("language_groups") or {}).items()}
     for name, key in (("trained", "trained_languages"), ("zero-shot", "zero_shot_languages")):
         for language in evaluation.get(key) or []:
             groups.setdefault(code_of(language), name)
-    for rows in (evaluation.get("tables") or {}).values():
-        for row in rows:
-            for key in ("language_group", "kind"):
-                if row.get(key):
-                    groups[str(row.get("group"))] = str(row[key])
     return groups
 
 
