@@ -119,6 +119,9 @@ def parse_completion(text: str, stopped: bool | None = None) -> Parsed:
     return _collect(messages, parsed_ok=header_seen, truncated=truncated)
 
 
+LEADING_THINK_TAGS = re.compile(r"^(\s*<think>)+")
+
+
 def parse_think(text: str, stopped: bool) -> Parsed:
     """Split a `<think>reasoning</think>answer` completion (Qwen3, DeepSeek-R1; the opening tag may sit
     in the prompt). `stopped`: the model ended its turn (False = the token limit cut it). A completion
@@ -131,7 +134,9 @@ def parse_think(text: str, stopped: bool) -> Parsed:
         analysis, _, final = body.partition("</think>")
         return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
     if body.lstrip().startswith("<think>"):
-        return Parsed(body.lstrip()[len("<think>"):].strip(), None, not stopped, not stopped)
+        # The opening tag, and the same tag repeated right after it (a small model's stutter), go; the
+        # text after them only grows, so chat's streamed view stays a prefix of it.
+        return Parsed(LEADING_THINK_TAGS.sub("", body).strip(), None, not stopped, not stopped)
     return Parsed(None, body.strip(), True, not stopped)
 
 

@@ -164,7 +164,7 @@ def test_train_on_a_file_that_is_not_gguf_is_one_line_and_leaves_no_folder(tmp_p
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF but not really")
     out = tmp_path / "run"
-    proc = cli("train", "--model", str(source), "--output", str(out), "train.max_steps=1",
+    proc = cli("train", "--model", str(source), "--dataset", "sample", "--output", str(out), "train.max_steps=1",
                env={**ENV, "LOWVRAM_FT_CACHE": str(tmp_path / "cache")}, timeout=600)
     line = one_error_line(proc)
     assert "not a readable GGUF file" in line and str(source) in line, line
