@@ -132,7 +132,9 @@ def parse_think(text: str, stopped: bool) -> Parsed:
         body = body.replace(tail, "")
     if "</think>" in body:
         analysis, _, final = body.partition("</think>")
-        return Parsed(analysis.replace("<think>", "").strip(), final.strip(), True, not stopped)
+        # Tags a small model writes again (a second </think> in its answer) are not part of the text.
+        return Parsed(analysis.replace("<think>", "").strip(), final.replace("</think>", "").strip(), True,
+                      not stopped)
     if body.lstrip().startswith("<think>"):
         # The opening tag, and the same tag repeated right after it (a small model's stutter), go; the
         # text after them only grows, so chat's streamed view stays a prefix of it.
