@@ -23,7 +23,7 @@ from pathlib import Path
 from . import folders
 from .config import EMBEDDED_MODEL, EMBEDDED_QWEN3_MODEL
 from .harmony import chat_template
-from .terminal import verbose
+from .terminal import save_quietly
 
 ASSETS = Path(__file__).parent / "assets"
 TEMPLATES = ASSETS / "chat_templates"
@@ -220,21 +220,6 @@ def build_model(out_dir: Path, tokenizer, recipe: Recipe = RECIPES[EMBEDDED_MODE
         pad_token_id=tokenizer.pad_token_id, **recipe.sampling,
     )
     save_quietly(model, out_dir)
-
-
-def save_quietly(model, out_dir: Path) -> None:
-    """save_pretrained without its "Writing model shards" bar (one shard of a few MB, well under a second;
-    unless --verbose), through transformers' public progress-bar switch, restored after."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    if not verbose():
-        hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def build_embedded(out_dir: Path, name: str = EMBEDDED_MODEL) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from . import folders
 from .config import PACKAGED_MODEL
 from .errors import UserError
-from .terminal import log
+from .terminal import log, save_quietly
 
 
 class PackagedModelError(UserError, RuntimeError):
@@ -165,8 +165,9 @@ def convert_gguf(source: Path, out_dir: Path) -> dict:
 
     folder, name = str(source.parent), source.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # with the config given, the tokenizer does not read the whole metadata again (5 s for SmolLM2)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, config=loaded.config)
     except (ValueError, KeyError, OSError) as error:  # metadata or tensors transformers cannot map
         first = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         raise PackagedModelError(f"{source}: transformers could not dequantize this {architecture} GGUF file "
@@ -187,7 +188,7 @@ def convert_gguf(source: Path, out_dir: Path) -> dict:
     plain.config.eos_token_id, plain.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     plain.generation_config = GenerationConfig(bos_token_id=loaded.generation_config.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    plain.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    save_quietly(plain.to(torch.bfloat16), out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"architecture": architecture, "model_type": config.model_type,
             "parameters": sum(p.numel() for p in plain.parameters())}

@@ -4,6 +4,7 @@ stays one line in a log file."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 VERBOSE_ENV = "LOWVRAM_FT_VERBOSE"  # set by --verbose: show the libraries' own warnings and progress bars
 
@@ -37,3 +38,18 @@ def print_table(headers: list[str], cells: list[list[str]], title: str, console=
     for row in cells:
         table.add_row(*row)
     console.print(table)
+
+
+def save_quietly(model, out_dir: Path) -> None:
+    """save_pretrained without its "Writing model shards" bar (a built model's one shard, a second or less;
+    unless --verbose), through transformers' public progress-bar switch, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not verbose():
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

@@ -29,11 +29,12 @@ def gguf_file() -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer(gguf_file) -> dict:
-    """SmolLM2's tokenizer from the GGUF metadata alone (no weights; about 10 s to convert, so once), with
-    the end of turn and padding the GGUF names, then as the conversion sets them."""
-    from transformers import AutoTokenizer
+    """SmolLM2's tokenizer from the GGUF metadata alone (no weights; about 5 s to read, so once), with
+    the end of turn and padding the GGUF names, then as the conversion sets them. A config given skips
+    AutoConfig's second read of the same metadata (another 5 s); convert_gguf gives the model's."""
+    from transformers import AutoTokenizer, LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, config=LlamaConfig())
     named = {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token}
     set_chat_tokens(tokenizer)
     return {"named": named, "tokenizer": tokenizer}
