@@ -17,7 +17,7 @@ from .plan import inputs as plan_inputs
 from .evaluate import report, rewards, scoring
 from . import bench, report as run_report
 from .bench.cli import add_bench_arguments
-from .train import pipeline
+from .train import grpo, pipeline
 from .terminal import VERBOSE_ENV
 from .train.checkpoints import resume_config
 
@@ -303,6 +303,8 @@ def resolve_resume(args):
 def run_data(args) -> int:
     cfg = resolve(args)
 
+    if cfg.train.method == "grpo" and not args.check:  # the prompts GRPO would be given, not SFT training rows
+        return grpo.inspect_prompts(cfg, args.show, args.export)
     return data.inspect(cfg, show=args.show, export=args.export, check=args.check)
 
 

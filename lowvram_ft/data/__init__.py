@@ -27,7 +27,7 @@ from .sources import SAMPLE_FILE, check_data, looks_like_hub_id, resolve_source,
 from .mixing import LoadedData, load_data, mix_sources, mixture_counts, split_heldout
 from .masking import chat_messages, no_chat_template, reasoning_inline, render_chat
 from .tokenizing import TokenizedData, processes_for, tokenize_data
-from .command import export_jsonl, highlight_markup, inspect, runs
+from .command import describe_stats, export_jsonl, highlight_markup, inspect, runs
 
 __all__ = [
     "DataError", "Problem", "location_key",
@@ -36,5 +36,5 @@ __all__ = [
     "LoadedData", "load_data", "mix_sources", "mixture_counts", "split_heldout",
     "chat_messages", "no_chat_template", "reasoning_inline", "render_chat",
     "TokenizedData", "processes_for", "tokenize_data",
-    "export_jsonl", "highlight_markup", "inspect", "runs",
+    "describe_stats", "export_jsonl", "highlight_markup", "inspect", "runs",
 ]

@@ -72,7 +72,7 @@ def print_check(cfg: Config, console) -> int:
 
 
 def describe_stats(rows: dict, tokens: dict) -> list[str]:
-    """The statistics block of the `data` command, one line per topic."""
+    """The statistics block of the `data` command, one line per topic (no token lines without tokens)."""
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], str(kv[0])))) or "none"
 
@@ -83,6 +83,10 @@ def describe_stats(rows: dict, tokens: dict) -> list[str]:
         f"shapes   {counts(rows['shapes'])}",
         f"reasoning languages (train rows with reasoning; none = without)  {counts(rows['reasoning_languages'])}",
         f"skipped  {rows['skipped_rows']} rows" + (f" ({counts(rows['skipped'])})" if rows["skipped"] else ""),
+    ]
+    if not tokens:  # GRPO's prompts are not tokenized as training rows (train.grpo.inspect_prompts)
+        return lines
+    lines += [
         f"tokens   per row min {tokens['min_tokens']} / median {tokens['median_tokens']} / max {tokens['max_tokens']}; "
         f"trained share {100 * tokens['trained_share']:.1f}% ({tokens['trained_tokens']} of {tokens['tokens']}, "
         f"renderer {tokens['renderer']}, train_on={tokens['train_on']})",

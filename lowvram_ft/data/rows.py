@@ -12,6 +12,8 @@ Rules decided here:
   user turn; consecutive user turns are allowed (rendered as separate turns); two assistant turns in a
   row are not (merge them); a tool turn follows an assistant or tool turn; at least one assistant turn,
   and no assistant turn with an empty answer.
+- Prompts (train.method=grpo reads only the instructions and the user turn): the answer columns may be
+  absent (PROMPT_NEEDS) and a conversation needs no assistant turn; every other rule holds.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input", "system")),
     "text": (("text",), ()),
 }
+# The columns a prompt needs where they differ from SHAPES' (the answer is optional for GRPO's prompts).
+PROMPT_NEEDS: dict[str, tuple[str, ...]] = {"multilingual_thinking": ("user",), "alpaca": ("instruction",)}
 # Role names accepted in messages / conversations: unsloth's standardize_sharegpt aliases (compared
 # case-insensitively, stripped) plus Harmony's developer and tool.
 ROLE_ALIASES = {
@@ -63,22 +67,22 @@ class Example:
     shape: str
 
 
-def detect_shape(columns: list[str], forced: str, label: str) -> tuple[str | None, Problem | None]:
+def detect_shape(columns: list[str], forced: str, label: str, prompts: bool = False) -> tuple[str | None, Problem | None]:
     """The row shape from the columns (or data.format); a problem naming what was found otherwise."""
     found = ", ".join(columns) or "(none)"
     rename = "rename columns with data.columns={old: new}"
     if forced != "auto":
-        missing = [c for c in SHAPES[forced][0] if c not in columns]
+        missing = [c for c in needed_columns(forced, prompts) if c not in columns]
         if missing:
             return None, Problem(label, None, f"missing column {', '.join(missing)} for the {forced} shape "
                                  f"(data.format={forced}); columns found: {found}",
                                  f"{rename} or choose another data.format", "missing column", fatal=True)
         return forced, None
-    shape, complete = closest_shape(columns)
+    shape, complete = closest_shape(columns, prompts)
     if complete:
         return shape, None
     if shape:
-        missing = [c for c in SHAPES[shape][0] if c not in columns]
+        missing = [c for c in needed_columns(shape, prompts) if c not in columns]
         return None, Problem(label, None, f"looks like the {shape} shape but has no column {', '.join(missing)}; "
                              f"columns found: {found}", f"{rename} or set data.format", "missing column", fatal=True)
     expected = "messages | conversations | user+final | instruction+output | text"
@@ -86,36 +90,37 @@ def detect_shape(columns: list[str], forced: str, label: str) -> tuple[str | Non
                          f"{rename} or set data.format", "missing column", fatal=True)
 
 
-def closest_shape(columns: list[str]) -> tuple[str | None, bool]:
+def closest_shape(columns: list[str], prompts: bool = False) -> tuple[str | None, bool]:
     """(the first shape, in SHAPES order, whose needed columns are all there, True), else (the shape
     sharing the most columns, False), else (None, False)."""
-    for shape, (needed, _) in SHAPES.items():
-        if all(c in columns for c in needed):
+    for shape in SHAPES:
+        if all(c in columns for c in needed_columns(shape, prompts)):
             return shape, True
     hits, shape = max((sum(c in columns for c in needed + optional), shape)
                       for shape, (needed, optional) in SHAPES.items())
     return (shape if hits else None), False
 
 
-def file_shape(rows: list[dict], columns: list[str], forced: str, label: str) -> tuple[str | None, Problem | None]:
+def file_shape(rows: list[dict], columns: list[str], forced: str, label: str,
+               prompts: bool = False) -> tuple[str | None, Problem | None]:
     """data.format, else the shape most rows come closest to (the earliest on a tie) — so one stray row
     cannot change how the others are read. When no row has every column of a shape, detect_shape on all
     the columns explains what is missing."""
-    guesses = [closest_shape(filled(row)) for row in rows]
+    guesses = [closest_shape(filled(row), prompts) for row in rows]
     if forced != "auto" or not any(complete for _, complete in guesses):
-        return detect_shape(columns, forced, label)
+        return detect_shape(columns, forced, label, prompts)
     votes = Counter(shape for shape, _ in guesses if shape)
     return votes.most_common(1)[0][0], None  # most_common keeps first-seen order among equal counts
 
 
-def stray_row(row: dict, shape: str, where: str, number: int) -> Problem | None:
+def stray_row(row: dict, shape: str, where: str, number: int, prompts: bool = False) -> Problem | None:
     """A row complete in another shape that lacks a column of the file's shape: one problem naming both
     shapes, instead of a misleading 'missing' for each column."""
-    own, complete = closest_shape(filled(row))
-    needed = SHAPES[shape][0]
+    own, complete = closest_shape(filled(row), prompts)
+    needed = needed_columns(shape, prompts)
     if not complete or own == shape or all(c in filled(row) for c in needed):
         return None
-    return Problem(where, None, f"a row of the {own} shape ({' + '.join(SHAPES[own][0])}) among rows of the "
+    return Problem(where, None, f"a row of the {own} shape ({' + '.join(needed_columns(own, prompts))}) among rows of the "
                    f"{shape} shape ({' + '.join(needed)})", "write it like the other rows or move it to a file of "
                    "its own", "other shape", row=number)
 
@@ -125,14 +130,20 @@ def filled(row: dict) -> list[str]:
     return [k for k, v in row.items() if v is not None]
 
 
-def parse_row(row: dict, shape: str) -> tuple[Conversation | PlainText | None, Issues]:
-    """One row of a known shape as a Conversation (PlainText for `text`), or the problems found."""
+def needed_columns(shape: str, prompts: bool = False) -> tuple[str, ...]:
+    """The columns every row of `shape` must have: for prompts only (GRPO), not the answer's."""
+    return PROMPT_NEEDS.get(shape, SHAPES[shape][0]) if prompts else SHAPES[shape][0]
+
+
+def parse_row(row: dict, shape: str, prompts: bool = False) -> tuple[Conversation | PlainText | None, Issues]:
+    """One row of a known shape as a Conversation (PlainText for `text`), or the problems found.
+    prompts: read for GRPO, the answer optional (a conversation may end at its user turn)."""
     issues = Issues()
-    item = PARSERS[shape](row, issues)
+    item = PARSERS[shape](row, issues, prompts)
     return (None if issues else item), issues
 
 
-def parse_text(row: dict, issues: Issues) -> PlainText | None:
+def parse_text(row: dict, issues: Issues, prompts: bool = False) -> PlainText | None:
     """Plain text is tokenized as it is: it may hold rendered Harmony on purpose, so control tokens stay."""
     text = text_field(row, "text", issues, "text", control_tokens=False)
     if text is not None and not text.strip():
@@ -140,60 +151,67 @@ def parse_text(row: dict, issues: Issues) -> PlainText | None:
     return PlainText(text) if text else None
 
 
-def parse_multilingual_thinking(row: dict, issues: Issues) -> Conversation | None:
-    columns = read_columns(row, issues, "multilingual_thinking", ("user", "final"), ("analysis", "developer"))
+def parse_multilingual_thinking(row: dict, issues: Issues, prompts: bool = False) -> Conversation | None:
+    columns = read_columns(row, issues, "multilingual_thinking", ("user", "final"), ("analysis", "developer"), prompts)
     if columns is None:
         return None
     return single_turn(row, issues, columns["developer"], columns["user"], "final", columns["final"],
-                       columns["analysis"] or None)
+                       columns["analysis"] or None, prompts)
 
 
-def parse_alpaca(row: dict, issues: Issues) -> Conversation | None:
-    columns = read_columns(row, issues, "alpaca", ("instruction", "output"), ("input", "system"))
+def parse_alpaca(row: dict, issues: Issues, prompts: bool = False) -> Conversation | None:
+    columns = read_columns(row, issues, "alpaca", ("instruction", "output"), ("input", "system"), prompts)
     if columns is None:
         return None
     extra = columns["input"]
     prompt = columns["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
-    return single_turn(row, issues, columns["system"], prompt, "output", columns["output"])
+    return single_turn(row, issues, columns["system"], prompt, "output", columns["output"], prompts=prompts)
 
 
 def read_columns(row: dict, issues: Issues, shape: str, required: tuple[str, ...],
-                 optional: tuple[str, ...]) -> dict[str, str | None] | None:
-    """The text columns of a single-turn shape, or None when any of them has a problem."""
+                 optional: tuple[str, ...], prompts: bool = False) -> dict[str, str | None] | None:
+    """The text columns of a single-turn shape, or None when any of them has a problem; for prompts the
+    answer column is optional too."""
+    if prompts:
+        optional += tuple(key for key in required if key not in needed_columns(shape, prompts))
+        required = needed_columns(shape, prompts)
     columns = {key: text_field(row, key, issues, shape) for key in required}
     columns.update({key: text_field(row, key, issues, shape, required=False) for key in optional})
     return None if issues else columns
 
 
-def single_turn(row: dict, issues: Issues, system: str | None, prompt: str, answer_key: str, answer: str,
-                reasoning: str | None = None) -> Conversation | None:
-    """[system,] user, assistant from one row's columns; an empty answer is a problem at `answer_key`."""
+def single_turn(row: dict, issues: Issues, system: str | None, prompt: str, answer_key: str, answer: str | None,
+                reasoning: str | None = None, prompts: bool = False) -> Conversation | None:
+    """[system,] user, assistant from one row's columns; an empty answer is a problem at `answer_key`
+    (for prompts: no assistant turn)."""
+    instructions = [Message("system", system)] if system and system.strip() else []
+    if prompts and not (answer or "").strip():
+        return finish_conversation(row, [*instructions, Message("user", prompt)], issues)
     if not answer.strip():
         issues.add(answer_key, "empty assistant answer", "give the answer text or remove the row",
                    "empty assistant turn")
         return None
-    instructions = [Message("system", system)] if system and system.strip() else []
     messages = [*instructions, Message("user", prompt), Message("assistant", answer, reasoning)]
     return finish_conversation(row, messages, issues)
 
 
-def parse_messages(row: dict, issues: Issues, key: str = "messages") -> Conversation | None:
+def parse_messages(row: dict, issues: Issues, prompts: bool = False, key: str = "messages") -> Conversation | None:
     """OpenAI `messages` ({role, content, thinking|reasoning_content|reasoning}) or, with
     key='conversations', ShareGPT ({from, value}); inline <think>…</think> becomes the reasoning."""
     turns = read_turns(row.get(key), key, issues)
     if issues:
         return None
-    check_order(turns, key, issues)
+    check_order(turns, key, issues, prompts)
     if issues:
         return None
     return finish_conversation(row, [message for _, _, message in turns], issues)
 
 
-def parse_sharegpt(row: dict, issues: Issues) -> Conversation | None:
-    return parse_messages(row, issues, key="conversations")
+def parse_sharegpt(row: dict, issues: Issues, prompts: bool = False) -> Conversation | None:
+    return parse_messages(row, issues, prompts, key="conversations")
 
 
-PARSERS: dict[str, Callable[[dict, Issues], Conversation | PlainText | None]] = {
+PARSERS: dict[str, Callable[[dict, Issues, bool], Conversation | PlainText | None]] = {
     "multilingual_thinking": parse_multilingual_thinking,
     "messages": parse_messages,
     "sharegpt": parse_sharegpt,
@@ -270,8 +288,9 @@ def split_inline_think(content: str, thinking: str | None, field: str, issues: I
     return stripped[end + len(THINK_CLOSE):].lstrip(), inline or None
 
 
-def check_order(turns: list[tuple[str, str, Message]], key: str, issues: Issues) -> None:
-    """The role-order rules in the module docstring; one problem per offending turn."""
+def check_order(turns: list[tuple[str, str, Message]], key: str, issues: Issues, prompts: bool = False) -> None:
+    """The role-order rules in the module docstring; one problem per offending turn. Prompts need no
+    assistant turn, and theirs are never read (an empty one is no problem)."""
     started, previous, answers = False, None, 0
     for role_path, content_path, message in turns:
         role = message.role
@@ -290,11 +309,11 @@ def check_order(turns: list[tuple[str, str, Message]], key: str, issues: Issues)
                        "put the assistant turn that called the tool before it", "role order")
         if role == "assistant":
             answers += 1
-            if not message.content.strip():
+            if not message.content.strip() and not prompts:
                 issues.add(content_path, "empty assistant turn", "give the answer text or remove the turn",
                            "empty assistant turn")
         started, previous = True, role
-    if not answers and turns:
+    if not answers and turns and not prompts:
         issues.add(key, "no assistant turn, so nothing to train on", "add the assistant's answer or remove the row",
                    "no assistant turn")
     elif not turns:

@@ -73,11 +73,12 @@ def read_source(entry: str, cfg: Config) -> SourceResult:
                                        "empty", fatal=True))
         return result
     result.columns = present_columns(row for _, row in rows)
-    result.shape, problem = file_shape([row for _, row in rows], result.columns, cfg.data.format, label)
+    prompts = cfg.train.method == "grpo"  # GRPO reads the prompts only: the answers may be absent
+    result.shape, problem = file_shape([row for _, row in rows], result.columns, cfg.data.format, label, prompts)
     if problem:
         result.problems.append(problem)
         return result
-    parse_rows(rows, result)
+    parse_rows(rows, result, prompts)
     return result
 
 
@@ -87,16 +88,16 @@ def shipped_heldout(cfg: Config) -> list:
     return list(result.examples)
 
 
-def parse_rows(rows: list[tuple[int, dict]], result: SourceResult) -> None:
+def parse_rows(rows: list[tuple[int, dict]], result: SourceResult, prompts: bool = False) -> None:
     """Each row under the file's shape: an Example, or its located problems (a row of another shape is
     one problem). Problems end up in row order."""
     for number, row in rows:
         where = f"{result.label}:{number}"
-        stray = stray_row(row, result.shape, where, number)
+        stray = stray_row(row, result.shape, where, number, prompts)
         if stray:
             result.problems.append(stray)
             continue
-        item, issues = parse_row(row, result.shape)
+        item, issues = parse_row(row, result.shape, prompts)
         if issues:
             result.problems += [Problem(where, *issue, row=number) for issue in issues]
         else:

@@ -13,15 +13,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .. import model as models
 from ..config import Config, ConfigError
 from ..conversation import Conversation
-from ..data import DataError, Problem
+from ..data import DataError, Problem, describe_stats, load_data
 from ..device import Device
 from ..evaluate.generation import prompt_text, stop_token_ids, uses_harmony
 from ..evaluate.languages import normalize_language
 from ..evaluate.rewards import TEXT_REWARDS, Sample, check_rewards, load_user_reward, text_rewards
 from ..evaluate.scoring import identify_text
 from ..harmony import HarmonyOptions
+from ..terminal import say
 from .trainer import Prepared, optimizer_name, precision_flags, with_our_callbacks
 
 DEFAULT_LEARNING_RATE = 5e-5  # grpo.learning_rate=None: Unsloth's GRPO default (TRL's 1e-6 barely moves a LoRA)
@@ -125,6 +127,28 @@ def prompt_rows(examples, tokenizer, cfg: Config) -> list[dict]:
     if problems:
         raise DataError([str(p) for p in problems])
     return rows
+
+
+def inspect_prompts(cfg: Config, show: int, export: str | None, console=None) -> int:
+    """The `data` command under train.method=grpo: the rows read, the prompts and their target languages,
+    and the first `show` prompts exactly as the model will be given them."""
+    if export:
+        raise DataError(["--export writes tokenized SFT training rows; with train.method=grpo there are none — "
+                         "`data` without --export shows the GRPO prompts"])
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    loaded = load_data(cfg)
+    rows = prompt_rows(loaded.train, models.load_tokenizer_for(cfg), cfg)
+    for line in describe_stats(loaded.stats, {}):
+        say(console, line)
+    languages = ", ".join(f"{code} {n}" for code, n in sorted(Counter(r["target_language"] for r in rows).items()))
+    say(console, f"prompts  {len(rows)} for GRPO (assistant turns ignored), target languages {languages}, "
+                 f"{sum(r['gold'] is not None for r in rows)} with a gold answer")
+    for n, row in enumerate(rows[:show]):
+        say(console, f"\n── prompt {n + 1}: {row['where']} (target {row['target_language']}) ──")
+        console.print(row["prompt"], markup=False, highlight=False, soft_wrap=True)
+    return 0
 
 
 class RewardBook:

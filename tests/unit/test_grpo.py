@@ -196,3 +196,62 @@ def test_evidence_table_and_its_drift_rate(tmp_path, capsys, monkeypatch):
     assert lines[2].startswith("| sft | RL target ja | 0.83 | 1/2 50% (9%–91%) | 2/2 100%") and "| 1/2 50%" in lines[2]
     assert lines[3].startswith("| sft | never in RL zh/ko | n/a |")
     assert lines[4].startswith("| sft | SFT languages | 0.00 | 0/1 0%")
+
+
+PROMPT_ONLY = {  # one file per supported shape, every row without an answer
+    "messages.jsonl": [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is 91 prime?"}]},
+                       {"messages": [{"role": "user", "content": "Is 97 prime?"}, {"role": "assistant", "content": ""}]}],
+    "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "Name a prime above 100."}]}],
+    "mt.jsonl": [{"user": "How far is 3 km in miles?", "reasoning_language": "French"}],
+    "alpaca.jsonl": [{"instruction": "Convert 20 C to F.", "input": "Show the formula.", "gold": "68"}],
+}
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_prompt_only_rows_of_every_shape_are_grpo_prompts_and_sft_still_refuses_them(tmp_path):
+    from lowvram_ft.data import check_data, load_data
+
+    files = [write_jsonl(tmp_path / name, rows) for name, rows in PROMPT_ONLY.items()]
+    cfg = load_config(None, ["train.method=grpo", "grpo.languages=[German]", "data.on_invalid=error",
+                             f"data.dataset=[{', '.join(files)}]", "data.eval_fraction=0"])
+    rows = grpo.prompt_rows(load_data(cfg).train, HarmonyTokenizer(), cfg)
+    assert sorted(r["question"] for r in rows) == ["Convert 20 C to F.\n\nShow the formula.", "How far is 3 km in miles?",
+                                                   "Is 91 prime?", "Is 97 prime?", "Name a prime above 100."]
+    assert {r["gold"] for r in rows} == {None, "68"}
+    sft = load_config(None, ["data.on_invalid=error", f"data.dataset=[{', '.join(files)}]", "data.eval_fraction=0"])
+    lines = check_data(sft)  # every problem, as `data --check` prints them
+    assert lines[0].startswith(f"{files[0]}:1:messages: no assistant turn")
+    assert lines[1].startswith(f"{files[0]}:2:messages[1].content: empty assistant turn")
+    assert lines[2].startswith(f"{files[1]}:1:conversations: no assistant turn")
+    assert lines[3].startswith(f"{files[2]}: looks like the multilingual_thinking shape but has no column final")
+    assert lines[4].startswith(f"{files[3]}: looks like the alpaca shape but has no column output") and len(lines) == 5
+
+
+def test_a_prompt_file_with_a_row_without_a_user_turn_names_it(tmp_path):
+    from lowvram_ft.data import load_data
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]},
+                                             {"messages": [{"role": "system", "content": "Only instructions."}]}])
+    cfg = load_config(None, ["train.method=grpo", f"data.dataset=[{path}]", "data.eval_fraction=0"])
+    with pytest.raises(DataError) as error:
+        grpo.prompt_rows(load_data(cfg).train, HarmonyTokenizer(), cfg)
+    assert str(error.value).startswith(f"{path}:2:messages: no user turn")
+
+
+def test_the_data_command_under_grpo_shows_the_prompts_and_refuses_export(tmp_path, capsys):
+    from lowvram_ft.cli import main
+
+    path = write_jsonl(tmp_path / "p.jsonl", PROMPT_ONLY["messages.jsonl"])
+    assert main(["data", "--dataset", path, "--show", "1", "train.method=grpo", "grpo.languages=[French]"]) == 0
+    out = capsys.readouterr().out
+    assert "prompts  2 for GRPO (assistant turns ignored), target languages fr 2, 0 with a gold answer" in out
+    assert out.count("── prompt ") == 1 and "reasoning language: French" in out
+    export = tmp_path / "x.jsonl"
+    assert main(["data", "--dataset", path, "--export", str(export), "train.method=grpo"]) == 2
+    assert capsys.readouterr().err.startswith("error: --export writes tokenized SFT training rows") and not export.exists()
