@@ -16,6 +16,9 @@ slow or failing step cannot lose the others. A step whose prerequisite failed is
   bench        ours vs hf at seq 1024 and 2048, batch 1, steady-state steps, and the longest sequence at
                batch 1 within 16 GiB (lowvram_ft/bench/cases/gpu-check.yaml)
   smoke        the reasoning-language smoke test of the headline run on the emulated card
+  grpo         optional, last, and only started when the budget left holds its whole time box: a few
+               GRPO steps (train.method=grpo, docs/grpo.md) of the same model on the emulated card —
+               tokens/s, peak memory, rewards — beside the planner's GRPO estimate
   pytest       `pytest -m gpu` (tests/gpu/test_gpu.py, reusing the built checkpoint)
 
 The plumbing of every step is tested on the CPU (tests/unit/test_gpucheck.py), and the steps end to end
@@ -48,11 +51,15 @@ from .plan import decide_fit
 # In order of value: the headline claim and its smoke test first, then the comparison (bench, about 9
 # minutes for the whole gpu-check.yaml on one H100: whatever the budget leaves of it is kept, case by
 # case), then the GPU tests (not in the default list: about 4 more minutes; --steps ...,pytest).
-STEPS = ("environment", "build", "headline", "smoke", "bench", "pytest")
+STEPS = ("environment", "build", "headline", "smoke", "bench", "grpo", "pytest")
 DEFAULT_STEPS = STEPS[:-1]
 # Seconds per step at most (the overall budget cuts them further); estimates for one H100/H200.
-TIME_BOX_S = {"environment": 60, "build": 150, "headline": 180, "smoke": 120, "bench": 600, "pytest": 300}
-NEEDS = {"headline": "build", "smoke": "headline", "pytest": "build"}
+TIME_BOX_S = {"environment": 60, "build": 150, "headline": 180, "smoke": 120, "bench": 600, "grpo": 240,
+              "pytest": 300}
+NEEDS = {"headline": "build", "smoke": "headline", "grpo": "build", "pytest": "build"}
+# Steps that start only when the budget left holds their whole time box (never cut short: a partial
+# GRPO run measures nothing), and are skipped otherwise.
+OPTIONAL = {"grpo"}
 BUDGET_S = 480  # 8 minutes, the window the issue gives
 BUILT_MODEL = "gpt-oss-20b-random"
 RESULTS_COPY_ENV = "LOWVRAM_FT_RESULTS_COPY"
@@ -93,6 +100,10 @@ class Check:
     def run_dir(self) -> Path:
         return self.work / "headline"
 
+    @property
+    def grpo_dir(self) -> Path:
+        return self.work / "grpo"
+
 
 # --------------------------------------------------------------------------- the story
 
@@ -120,6 +131,9 @@ def run_step(check: Check, name: str, deadline: float, python: str) -> dict:
     remaining = deadline - time.monotonic()
     if remaining < 5:
         return {"step": name, "status": "skipped", "reason": "out of time (the overall budget is spent)"}
+    if name in OPTIONAL and remaining < TIME_BOX_S[name]:
+        return {"step": name, "status": "skipped", "reason": f"optional: the budget leaves {remaining:.0f} s, "
+                f"it needs {TIME_BOX_S[name]} s (--budget-s)"}
     step = make_step(check, name, python)
     timeout = min(TIME_BOX_S[name], remaining)
     log = check.work / f"{name}.log"
@@ -154,7 +168,7 @@ def run_process(command: list[str], env: dict, log: Path, timeout_s: float) -> t
 
 def make_step(check: Check, name: str, python: str) -> Step:
     return {"environment": environment_step, "build": build_step, "headline": headline_step,
-            "bench": bench_step, "smoke": smoke_step, "pytest": pytest_step}[name](check, python)
+            "bench": bench_step, "smoke": smoke_step, "grpo": grpo_step, "pytest": pytest_step}[name](check, python)
 
 
 def environment_step(check: Check, python: str) -> Step:
@@ -183,6 +197,21 @@ def headline_step(check: Check, python: str) -> Step:
                 read=lambda: headline_figures(check))
 
 
+def grpo_step(check: Check, python: str) -> Step:
+    """A few GRPO steps from a new adapter: 1 prompt x a group of 4 completions of <= 128 tokens a step,
+    the language and format rewards (random weights: the rewards are plumbing, not quality)."""
+    steps = max(2, min(check.train_steps, 5))
+    command = [python, "-m", "lowvram_ft", "train", "--model", str(check.model_dir), "--output", str(check.grpo_dir),
+               "--overwrite", "--dataset", "sample", "train.method=grpo", "model.max_seq_length=1024", "lora.r=8",
+               "lora.alpha=16", f"train.max_steps={steps}", "train.warmup_steps=0", "train.batch_size=4",
+               "train.gradient_accumulation_steps=1", "train.logging_steps=1", "grpo.num_generations=4",
+               "grpo.max_completion_length=128", "data.max_rows=64", "eval.enabled=false"]
+    if check.model == BUILT_MODEL:
+        command.append("model.load_in=4bit")
+    return Step("grpo", command, env={"LOWVRAM_FT_VRAM_GIB": str(check.card_gib)},
+                read=lambda: run_figures(check, check.grpo_dir))
+
+
 def bench_step(check: Check, python: str) -> Step:
     matrix = CASES_DIR / "gpu-check.yaml"
     out = check.work / "bench"
@@ -209,11 +238,17 @@ def pytest_step(check: Check, python: str) -> Step:
 
 
 def headline_figures(check: Check) -> dict:
-    """Measured (summary.json, metrics.jsonl) beside the planner's prediction for the same config."""
-    summary = json.loads((check.run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (check.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = [r["tokens_per_s"] for r in records[2:] if r.get("tokens_per_s")] or [0.0]
-    cfg = load_config(check.run_dir / "config.yaml")
+    return run_figures(check, check.run_dir)
+
+
+def run_figures(check: Check, run_dir: Path) -> dict:
+    """Measured (summary.json, metrics.jsonl) beside the planner's prediction for the same config; a
+    GRPO run adds its rewards and completion lengths per step."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = [r["tokens_per_s"] for r in records[2:] if r.get("tokens_per_s")] or \
+        [r["tokens_per_s"] for r in records if r.get("tokens_per_s")] or [0.0]
+    cfg = load_config(run_dir / "config.yaml")
     config_json = check.model_dir / "config.json"
     model_config = json.loads(config_json.read_text()) if config_json.is_file() else None  # None: embedded
     decision = decide_fit(cfg, check.card_gib, model_config=model_config)
@@ -222,7 +257,10 @@ def headline_figures(check: Check) -> dict:
             "tokens_per_s_median": sorted(steady)[len(steady) // 2],
             "predicted_peak_gib": round(decision.peak_gib, 2) if decision else None,
             "prediction_basis": decision.basis if decision else None, "card_gib": check.card_gib,
-            "trainable_parameters": summary.get("trainable_parameters"), "packing": summary.get("packing")}
+            "trainable_parameters": summary.get("trainable_parameters"), "packing": summary.get("packing"),
+            **({"per_step": [{k: v for k, v in r.items() if k.startswith(("rewards/", "completions/")) or k in
+                              ("step", "reward", "tokens_per_s", "peak_memory_gib")} for r in records]}
+               if cfg.train.method == "grpo" else {})}
 
 
 def bench_figures(out: Path) -> dict:
@@ -287,6 +325,12 @@ def target_lines(records: list[dict]) -> list[str]:
     else:
         lines.append("headline train within 16 GiB: not measured")
     lines += bench_target_lines(next((r["figures"] for r in records if r["step"] == "bench"), None) or {})
+    rl = next((r["figures"] for r in records if r["step"] == "grpo" and r["status"] == "ok"), None)
+    if rl:
+        peak = ((rl.get("memory") or {}).get("train") or {}).get("peak_reserved_gib")
+        lines.append(f"GRPO, {rl['steps']} steps of 4 completions <= 128 tokens (emulated {rl['card_gib']} GiB card): "
+                     f"{rl['tokens_per_s_median']} tokens/s, peak reserved {peak} GiB; planner predicted "
+                     f"{rl.get('predicted_peak_gib')} GiB ({rl.get('prediction_basis')})")
     return lines
 
 

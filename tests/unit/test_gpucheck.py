@@ -69,3 +69,28 @@ def test_bad_arguments_are_one_line_and_exit_2():
     proc = subprocess.run([sys.executable, "-m", "lowvram_ft.gpucheck", "--steps", "environment,typo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --steps") and "Traceback" not in proc.stderr
+
+
+def test_the_optional_grpo_step_starts_only_when_the_budget_holds_its_time_box(tmp_path, monkeypatch):
+    started = []
+
+    def step(check, name, python):
+        started.append(name)
+        return gpucheck.Step(name, [sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(gpucheck, "make_step", step)
+    check = gpucheck.Check(tmp_path / "out", tmp_path / "work", model="embedded")
+    records = gpucheck.run_check(check, ["environment", "grpo"], budget_s=gpucheck.TIME_BOX_S["grpo"] - 30)
+    assert started == ["environment"] and records[1]["status"] == "skipped"
+    assert records[1]["reason"].startswith("optional: the budget leaves") and "it needs 240 s" in records[1]["reason"]
+    check = gpucheck.Check(tmp_path / "out2", tmp_path / "work2", model="embedded")
+    records = gpucheck.run_check(check, ["environment", "grpo"], budget_s=gpucheck.TIME_BOX_S["grpo"] + 60)
+    assert [r["status"] for r in records] == ["ok", "ok"] and started[-1] == "grpo"
+
+
+def test_the_grpo_step_trains_the_built_model_in_4bit_with_grpo_on_the_emulated_card(tmp_path):
+    check = gpucheck.Check(tmp_path / "out", tmp_path / "work", card_gib=16.0)
+    step = gpucheck.make_step(check, "grpo", "python")
+    assert "train.method=grpo" in step.command and "model.load_in=4bit" in step.command
+    assert str(check.model_dir) in step.command and step.env == {"LOWVRAM_FT_VRAM_GIB": "16.0"}
+    assert gpucheck.NEEDS["grpo"] == "build" and gpucheck.DEFAULT_STEPS[-1] == "grpo"
