@@ -266,15 +266,18 @@ def out_of_memory(run: RunState, error: BaseException) -> OutOfMemory:
     if peak is not None:
         lines.append(f"peak {kind} reached {peak:.2f} GiB of {capacity:.2f} GiB" if capacity else
                      f"peak {kind} reached {peak:.2f} GiB")
-    advice, resumable = planner_advice(run.cfg, capacity if run.device is not None and run.device.kind == "cuda" else None)
+    advice, resumable, proposed = planner_advice(run.cfg, capacity if run.device is not None and run.device.kind == "cuda" else None)
     lines += advice
     latest = latest_checkpoint(run.run_dir) if run.run_dir else None
     if latest is not None and run.phase in ("train", "save"):
         lines.append(f"checkpoint {latest.path} (step {latest.step}) is intact")
         if resumable is not None:
             lines.append(f"continue from it with: {resume_command(run.run_dir, resumable, run.launch)}")
-        else:
+        elif proposed:
             lines.append("these changes alter what is trained: start a new run with them (--overwrite)")
+        else:
+            lines.append("once the settings fit, start a new run (--overwrite): a changed "
+                         "max_seq_length or model alters what is trained")
     elif run.phase == "eval" and run.run_dir is not None:
         lines.append(f"the trained adapter is saved in {run.run_dir / 'adapter'}: evaluate it with "
                      f"`python -m lowvram_ft eval --run {shlex.quote(str(run.run_dir))}` and smaller eval settings")
@@ -292,8 +295,9 @@ def memory_figures(device) -> tuple[float | None, float | None, str]:
     return peak, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, "RSS (host RAM)"
 
 
-def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tuple[str, ...] | None]:
-    """(lines of advice, the overrides of the first recommendation a --resume accepts, if any).
+def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tuple[str, ...] | None, bool]:
+    """(lines of advice, the overrides of the first recommendation a --resume accepts, if any, whether
+    any change is proposed).
     When the planner thinks the run fits (or there is no GPU size), its estimate was too low for this
     run: it is asked for changes that lower its prediction by 15%, else by 5%, else by 1% (a small model,
     whose fixed terms outweigh what a micro-batch change saves)."""
@@ -310,12 +314,12 @@ def planner_advice(cfg: Config, vram_gib: float | None) -> tuple[list[str], tupl
             lines[0] = (f"the planner predicts a peak of {predicted:.2f} GiB for this config, too low for this run; "
                         f"changes that lower it by {cut:.0%}:")
     except plan.PlanError as error:
-        return [f"the planner cannot size this model ({error}): lower model.max_seq_length or train.batch_size"], None
+        return [f"the planner cannot size this model ({error}): lower model.max_seq_length or train.batch_size"], None, False
     if not recommendations:
-        return lines + ["  the planner finds no change that lowers it: lower model.max_seq_length or use a larger GPU"], None
+        return lines + ["  the planner finds no change that lowers it: lower model.max_seq_length or use a larger GPU"], None, False
     lines += plan.format_recommendations(recommendations, budget).splitlines()
     resumable = next((r.overrides for r in recommendations if resumable_overrides(cfg, r.overrides)), None)
-    return lines, resumable
+    return lines, resumable, True
 
 
 def resumable_overrides(cfg: Config, overrides) -> bool:

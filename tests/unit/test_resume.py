@@ -215,3 +215,13 @@ def test_out_of_memory_message_names_the_phase_and_the_planner_advice():
     wrapped = RuntimeError("could not load")
     wrapped.__cause__ = MemoryError()
     assert is_out_of_memory(wrapped)
+
+
+def test_out_of_memory_without_any_change_proposed_does_not_speak_of_these_changes(tmp_path, monkeypatch):
+    run = run_state.RunState(load_config(ROOT / "configs/embedded.yaml"))
+    run.run_dir, run.phase, run.launch = fake_run(tmp_path, steps=(4,)), "train", "python -m lowvram_ft"
+    monkeypatch.setattr(run_state.plan, "recommend", lambda inp, budget: [])  # the planner finds nothing to change
+    lines = str(run_state.out_of_memory(run, MemoryError())).splitlines()
+    assert "  the planner finds no change that lowers it: lower model.max_seq_length or use a larger GPU" in lines
+    assert not any("these changes" in line for line in lines)
+    assert lines[-1].startswith("once the settings fit, start a new run (--overwrite)")
