@@ -202,3 +202,42 @@ def steps_of(run_dir: Path) -> list[int]:
 # --------------------------------------------------------------- the embedded Qwen3 (test_qwen3_embedded)
 
 QWEN3_CONFIG = "configs/embedded-qwen3.yaml"  # conftest's qwen3_tokenizer is the tokenizer of its model
+
+
+# ------------------------------------------------------- exports reloaded (e2e/test_real_model, e2e/test_qwen3_embedded)
+
+RELOAD_EXPORTS = """
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+lora, merged, run = sys.argv[1:4]
+summary = json.load(open(run + "/summary.json"))
+base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
+probe = summary["reload_probe"]
+ids = AutoTokenizer.from_pretrained(lora)(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+models = {"lora": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora),
+          "merged": AutoModelForCausalLM.from_pretrained(merged)}
+result = {"ids": probe["top_ids"], "want": probe["top_logits"], "merged_dtype": str(models["merged"].dtype).removeprefix("torch."),
+          "merged_keys": sorted(load_file(merged + "/model.safetensors")),
+          "merged_config_ties": models["merged"].config.tie_word_embeddings}
+for name, model in models.items():
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=ids).logits[0, -1].float()
+    result[name] = {"got": logits[probe["top_ids"]].tolist(), "top": int(logits.argmax()),
+                    "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()}
+assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
+print(json.dumps(result))
+"""
+
+
+def reload_exports(run: dict, timeout: int) -> dict:
+    """`export --format lora` with plain PEFT and `--format merged-16bit` with plain transformers, in a
+    process that never imports Unsloth: the logits each gives at summary.json's probe (beside the trained
+    model's), whether lm_head is the input embedding, the merged checkpoint's dtype and keys."""
+    proc = subprocess.run([sys.executable, "-c", RELOAD_EXPORTS, str(run["lora"]), str(run["merged"]), str(run["dir"])],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+

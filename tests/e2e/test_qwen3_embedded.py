@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, precision_atol
-from helpers import QWEN3_CONFIG, read_jsonl
+from helpers import QWEN3_CONFIG, read_jsonl, reload_exports
 from lowvram_ft.embedded import embedded_model_dir
 
 pytestmark = pytest.mark.slow
@@ -93,32 +93,7 @@ def test_exports_reload_without_unsloth_tied_and_with_the_trained_logits(qwen3_r
     """`export --format lora` with plain PEFT and `--format merged-16bit` with plain transformers, in a
     process that never imports Unsloth: both keep the embeddings tied and reproduce the logits the
     trained model gave at the end of training (summary.json's probe)."""
-    code = f"""
-import json, sys, torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
-lora, merged = {str(qwen3_run["lora"])!r}, {str(qwen3_run["merged"])!r}
-summary = json.load(open({str(qwen3_run["dir"] / "summary.json")!r}))
-base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
-probe = summary["reload_probe"]
-ids = AutoTokenizer.from_pretrained(lora)(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
-models = {{"lora": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora),
-          "merged": AutoModelForCausalLM.from_pretrained(merged)}}
-result = {{"ids": probe["top_ids"], "want": probe["top_logits"], "merged_dtype": str(models["merged"].dtype).removeprefix("torch."),
-          "merged_keys": sorted(load_file(merged + "/model.safetensors"))}}
-for name, model in models.items():
-    with torch.inference_mode():
-        logits = model.eval()(input_ids=ids).logits[0, -1].float()
-    result[name] = {{"got": logits[probe["top_ids"]].tolist(), "top": int(logits.argmax()),
-                    "tied": model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()}}
-result["merged_config_ties"] = models["merged"].config.tie_word_embeddings
-assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
-print(json.dumps(result))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = reload_exports(qwen3_run, timeout=300)
     summary = json.loads((qwen3_run["dir"] / "summary.json").read_text())
     magnitude = max(abs(v) for v in result["want"])
     # lora: the same weights, a few roundings of the compute dtype apart (fp32: thread order only).

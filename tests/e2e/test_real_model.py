@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, precision_atol
-from helpers import read_jsonl
+from helpers import read_jsonl, reload_exports
 
 pytestmark = pytest.mark.slow
 
@@ -94,28 +94,7 @@ def test_tuned_reasons_in_the_requested_language_more_often_than_the_base(real_r
 def test_exports_reload_without_unsloth_with_the_trained_logits(real_run):
     """`export --format lora` in plain PEFT and `--format merged-16bit` in plain transformers, in a process
     that never imports Unsloth, reproduce the logits the trained model gave (summary.json's probe)."""
-    code = f"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
-lora, merged = {str(real_run["lora"])!r}, {str(real_run["merged"])!r}
-summary = json.load(open({str(real_run["dir"] / "summary.json")!r}))
-base = json.load(open(lora + "/adapter_config.json"))["base_model_name_or_path"]
-probe = summary["reload_probe"]
-ids = AutoTokenizer.from_pretrained(lora)(probe["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
-models = {{"lora": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, summary["dtype"])), lora),
-          "merged": AutoModelForCausalLM.from_pretrained(merged)}}
-result = {{"ids": probe["top_ids"], "want": probe["top_logits"], "merged_dtype": str(models["merged"].dtype).removeprefix("torch.")}}
-for name, model in models.items():
-    with torch.inference_mode():
-        logits = model.eval()(input_ids=ids).logits[0, -1].float()
-    result[name] = {{"got": logits[probe["top_ids"]].tolist(), "top": int(logits.argmax())}}
-assert "unsloth" not in sys.modules and "unsloth_zoo" not in sys.modules
-print(json.dumps(result))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = reload_exports(real_run, timeout=600)
     summary = json.loads((real_run["dir"] / "summary.json").read_text())
     magnitude = max(abs(v) for v in result["want"])
     tolerances = {"lora": precision_atol(summary["compute_dtype"], magnitude, floor=1e-3),
