@@ -186,14 +186,17 @@ def test_evidence_table_and_its_drift_rate(tmp_path, capsys, monkeypatch):
             "answer_match": True}
     samples = [{**base, "target_language": "ja", "analysis": ja + en, "think_share": 0.67, "think_match": True},
                {**base, "target_language": "ja", "analysis": ja, "think_share": 1.0, "think_match": True},
-               {**base, "target_language": "fr", "analysis": en, "think_share": 0.0, "think_match": False}]
+               {**base, "target_language": "fr", "analysis": en, "think_share": 0.0, "think_match": False},
+               {**base, "target_language": "ja", "analysis": ja, "think_share": 1.0, "think_match": True,
+                "scorable": False, "truncated": True, "new_tokens": 160}]  # cut off: not judged, "no" of all asked
     run = tmp_path / "sft"
     run.mkdir()
     (run / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples), encoding="utf-8")
     monkeypatch.setattr(sys, "argv", ["grpo_evidence.py", str(run)])
     evidence.main()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("| sft | RL target ja | 0.83 | 1/2 50% (9%–91%) | 2/2 100%") and "| 1/2 50%" in lines[2]
+    assert lines[2].startswith("| sft | RL target ja | 0.83 | 1/2 50% (9%–91%) | 2/2 100% (34%–100%) | 2/3 67% "
+                               "(21%–94%) | 1/2 50% (9%–91%) | 2/2 100% (34%–100%) | 3/3 / 1 | 64 | 100 |"), lines[2]
     assert lines[3].startswith("| sft | never in RL zh/ko | n/a |")
     assert lines[4].startswith("| sft | SFT languages | 0.00 | 0/1 0%")
 
