@@ -35,11 +35,14 @@ demo: venv
 # GRPO after the demo (configs/embedded-grpo.yaml, docs/grpo.md): runs `make demo` first when runs/demo has no
 # adapter, then trains on with the language reward into runs/demo-rl. REWARDS=format is the format-only
 # control (runs/demo-rl-format); the evaluation compares each with the same prompts and seeds as runs/demo.
+# MODEL=smollm2: the real model after `make demo MODEL=smollm2` (configs/smollm2-grpo.yaml, about 45 min).
 REWARDS ?=
+RL_CONFIG = configs/$(if $(filter smollm2,$(MODEL)),smollm2,embedded)-grpo.yaml
 demo-rl: venv
-	@test -f runs/demo/adapter/adapter_config.json || $(MAKE) demo
-	$(BIN)/python -m lowvram_ft train --config configs/embedded-grpo.yaml \
-		--output runs/demo-rl$(if $(REWARDS),-$(subst $(comma),-,$(REWARDS))) --overwrite \
+	$(if $(filter-out smollm2,$(MODEL)),$(error demo-rl: MODEL=smollm2 or no MODEL (the embedded gpt-oss demo)))
+	@test -f runs/demo$(if $(MODEL),-$(MODEL))/adapter/adapter_config.json || $(MAKE) demo
+	$(BIN)/python -m lowvram_ft train --config $(RL_CONFIG) \
+		--output runs/demo$(if $(MODEL),-$(MODEL))-rl$(if $(REWARDS),-$(subst $(comma),-,$(REWARDS))) --overwrite \
 		$(if $(REWARDS),'grpo.rewards=[$(REWARDS)]')
 
 test: venv browser
