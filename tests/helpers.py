@@ -241,3 +241,16 @@ def reload_exports(run: dict, timeout: int) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
+
+def scripted_chat(run_dir: Path, turns: list[str], max_new_tokens: int, timeout: int) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`chat --run RUN --show-prompt` fed `turns` then /exit (French reasoning, greedy): the process and the
+    prompts it showed, one per turn."""
+    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(run_dir), "--reasoning-language",
+                           "French", "--temperature", "0", "--max-new-tokens", str(max_new_tokens), "--show-prompt"],
+                          input="".join(f"{turn}\n" for turn in turns) + "/exit\n", cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = [json.loads(line.split("prompt: ", 1)[1]) for line in proc.stdout.splitlines() if "prompt: " in line]
+    return proc, prompts
+

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, precision_atol
-from helpers import QWEN3_CONFIG, read_jsonl, reload_exports
+from helpers import QWEN3_CONFIG, read_jsonl, reload_exports, scripted_chat
 from lowvram_ft.embedded import embedded_model_dir
 
 pytestmark = pytest.mark.slow
@@ -138,12 +138,7 @@ def test_chat_shows_the_thinking_apart_and_forgets_it_in_the_next_prompt(qwen3_r
     with the <think> tags parsed away, and the second prompt is what Qwen3's template renders for the
     conversation so far — the first answer without its reasoning."""
     first, second = "Convert 47 centimetres to inches.", "And 12 centimetres?"
-    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(qwen3_run["dir"]),
-                           "--reasoning-language", "French", "--temperature", "0", "--max-new-tokens", "160",
-                           "--show-prompt"], input=f"{first}\n{second}\n/exit\n", cwd=ROOT,
-                          env={**ENV, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    prompts = [json.loads(line.split("prompt: ", 1)[1]) for line in proc.stdout.splitlines() if "prompt: " in line]
+    proc, prompts = scripted_chat(qwen3_run["dir"], [first, second], max_new_tokens=160, timeout=600)
     system = {"role": "system", "content": "reasoning language: French"}
     assert prompts[0] == qwen3_tokenizer.apply_chat_template([system, {"role": "user", "content": first}],
                                                              add_generation_prompt=True, tokenize=False)

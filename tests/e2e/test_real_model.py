@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, precision_atol
-from helpers import read_jsonl, reload_exports
+from helpers import read_jsonl, reload_exports, scripted_chat
 
 pytestmark = pytest.mark.slow
 
@@ -107,12 +107,7 @@ def test_exports_reload_without_unsloth_with_the_trained_logits(real_run):
 
 def test_chat_two_turns_shows_the_thinking_apart_and_keeps_it_out_of_the_next_prompt(real_run):
     first, second = "Is 91 a prime number?", "And 97?"
-    proc = subprocess.run([sys.executable, "-m", "lowvram_ft", "chat", "--run", str(real_run["dir"]),
-                           "--reasoning-language", "French", "--temperature", "0", "--max-new-tokens", "128",
-                           "--show-prompt"], input=f"{first}\n{second}\n/exit\n", cwd=ROOT,
-                          env={**ENV, "COLUMNS": "200"}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    prompts = [json.loads(line.split("prompt: ", 1)[1]) for line in proc.stdout.splitlines() if "prompt: " in line]
+    proc, prompts = scripted_chat(real_run["dir"], [first, second], max_new_tokens=128, timeout=900)
     assert len(prompts) == 2
     assert prompts[0] == ("<|im_start|>system\nreasoning language: French<|im_end|>\n"
                           f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n")
